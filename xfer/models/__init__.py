@@ -1,0 +1,55 @@
+"""The model registry: `build(name, num_classes=...)` and each model's input contract.
+
+Every model takes NHWC float images already normalised by its `ModelInfo`
+(`(pixels_in_0_1 - mean) / std`) and is called as `model.apply(variables, x,
+train=...)`; in training BatchNorm statistics are `mutable=['batch_stats']`
+and dropout wants a `'dropout'` rng.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import flax.linen as nn
+
+from xfer.models import vgg
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What data pipelines and weight loaders need to know about a model."""
+
+    name: str
+    make: Callable[..., nn.Module]  # (num_classes, **overrides) -> module
+    input_size: int  # the resolution its ImageNet weights were trained at
+    mean: tuple[float, float, float]  # in units of pixels scaled to [0, 1]
+    std: tuple[float, float, float]
+
+
+def _vgg_info(name: str, batch_norm: bool) -> ModelInfo:
+    make = functools.partial(vgg.VGG, vgg.CONFIGS[name[:5]], batch_norm)
+    return ModelInfo(name, lambda num_classes=1000, **kw: make(num_classes=num_classes, **kw),
+                     224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+MODELS: dict[str, ModelInfo] = {
+    **{n: _vgg_info(n, False) for n in vgg.CONFIGS},
+    **{f"{n}_bn": _vgg_info(f"{n}_bn", True) for n in vgg.CONFIGS},
+}
+
+
+def info(name: str) -> ModelInfo:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}") from None
+
+
+def build(name: str, num_classes: int = 1000, **overrides) -> nn.Module:
+    """A fresh, uninitialised Flax module; `overrides` are its dataclass fields (e.g. dropout_rate)."""
+    return info(name).make(num_classes=num_classes, **overrides)

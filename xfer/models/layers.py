@@ -1,0 +1,34 @@
+"""Small pieces several model families share, kept bit-compatible with torch."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def _adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """Row i averages torch's window [floor(i*n/m), ceil((i+1)*n/m))."""
+    m = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarray:
+    """torch's AdaptiveAvgPool2d on NHWC input, for any input size.
+
+    Written as two small matrix products over H and W, so it is exact for
+    every input/output pair (upsampling 1x1 -> 7x7 included) and costs
+    nothing when input and output sizes agree.
+    """
+    (h_out, w_out), (h_in, w_in) = output_size, x.shape[1:3]
+    if (h_in, w_in) == (h_out, w_out):
+        return x
+    ph = jnp.asarray(_adaptive_pool_matrix(h_in, h_out), x.dtype)
+    pw = jnp.asarray(_adaptive_pool_matrix(w_in, w_out), x.dtype)
+    return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)

@@ -1,0 +1,60 @@
+"""Pretrained weights: find a checkpoint, read it without torch, port it strictly.
+
+    variables = model.init(rng, images)
+    variables, report = xfer.weights.load("imagenet", "vgg16", variables)
+
+`source` is `"imagenet"` (the model's published ImageNet weights), a
+torchvision file name such as `vgg16-397923af.pth` (looked up in the torch
+hub cache, else downloaded), or a path to a `.pth` / `.safetensors` file.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from xfer.models import vgg as _vgg_model
+from xfer.weights import sources
+from xfer.weights import vgg as _vgg
+from xfer.weights.convert import PortReport, WeightMap, WeightMismatchError, port
+from xfer.weights.torch_pickle import CheckpointFormatError, UnsafeCheckpointError, load_pth
+
+__all__ = ["CheckpointFormatError", "PortReport", "UnsafeCheckpointError", "WeightMismatchError",
+           "load", "read", "weight_map"]
+
+_WEIGHT_MAPS = {
+    **{n: functools.partial(_vgg.weight_map, n) for n in _vgg_model.CONFIGS},
+    **{f"{n}_bn": functools.partial(_vgg.weight_map, f"{n}_bn") for n in _vgg_model.CONFIGS},
+}
+
+
+def weight_map(model_name: str) -> WeightMap:
+    try:
+        return _WEIGHT_MAPS[model_name]()
+    except KeyError:
+        raise ValueError(f"no torch weight map for model {model_name!r}; "
+                         f"maps exist for: {', '.join(sorted(_WEIGHT_MAPS))}") from None
+
+
+def read(path: str | Path) -> dict[str, np.ndarray]:
+    """A checkpoint file's flat `{torch key: array}` dict, by its suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own untyped errors
+            raise CheckpointFormatError(f"cannot read {path} as safetensors ({e}); "
+                                        "the file is truncated or not safetensors") from None
+    return load_pth(path)
+
+
+def load(source: str, model_name: str, variables: Mapping) -> tuple[dict, PortReport]:
+    """`variables` (freshly initialised) with the checkpoint at `source` ported in."""
+    path = sources.resolve(source, model_name)
+    return port(read(path), weight_map(model_name), variables, model_name)
