@@ -14,10 +14,13 @@ from typing import Callable
 
 import flax.linen as nn
 
-from xfer.models import vgg
+from xfer.models import efficientnet_lite, vgg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite's TF scaling (x - 127) / 128 on 0..255 pixels, in [0, 1] pixel units.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,8 @@ def _vgg_info(name: str, batch_norm: bool) -> ModelInfo:
 MODELS: dict[str, ModelInfo] = {
     **{n: _vgg_info(n, False) for n in vgg.CONFIGS},
     **{f"{n}_bn": _vgg_info(f"{n}_bn", True) for n in vgg.CONFIGS},
+    "efficientnet_lite0": ModelInfo("efficientnet_lite0", efficientnet_lite.EfficientNetLite, 224,
+                                    LITE_MEAN, LITE_STD),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,3 +33,16 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarr
     ph = jnp.asarray(_adaptive_pool_matrix(h_in, h_out), x.dtype)
     pw = jnp.asarray(_adaptive_pool_matrix(w_in, w_out), x.dtype)
     return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
+
+
+# BatchNorm and Dropout take their train/eval mode at *call* time in every model, never in
+# the constructor: that lets `xfer.step` switch frozen parts of any model to inference mode
+# (flax.linen.intercept_methods) without each model plumbing a policy through its modules.
+
+def batch_norm(x: jnp.ndarray, train: bool, *, name: str, momentum: float, epsilon: float) -> jnp.ndarray:
+    """A Flax BatchNorm; `momentum` is Flax's (torch's momentum m is 1 - m here)."""
+    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, name=name)(x, use_running_average=not train)
+
+
+def dropout(x: jnp.ndarray, rate: float, train: bool, broadcast_dims: tuple[int, ...] = ()) -> jnp.ndarray:
+    return nn.Dropout(rate, broadcast_dims=broadcast_dims)(x, deterministic=not train)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from xfer.models.layers import adaptive_avg_pool
+from xfer.models.layers import adaptive_avg_pool, batch_norm, dropout
 
 # torchvision's `cfgs`: channel counts, "M" for a 2x2 max-pool.
 CONFIGS = {
@@ -56,8 +56,7 @@ class Features(nn.Module):
                 if not self.batch_norm:
                     x = nn.relu(x)
             else:  # torch BatchNorm2d(momentum=0.1, eps=1e-5)
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 name=str(index))(x)
+                x = batch_norm(x, train, name=str(index), momentum=0.9, epsilon=1e-5)
                 x = nn.relu(x)
         return x
 
@@ -71,7 +70,7 @@ class Classifier(nn.Module):
         for index, width in ((0, 4096), (3, 4096)):
             x = nn.Dense(width, kernel_init=linear_init, name=str(index))(x)
             x = nn.relu(x)
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = dropout(x, self.dropout_rate, train)
         return nn.Dense(self.num_classes, kernel_init=linear_init, name="6")(x)
 
 

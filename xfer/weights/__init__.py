@@ -17,17 +17,19 @@ from typing import Mapping
 import numpy as np
 
 from xfer.models import vgg as _vgg_model
+from xfer.weights import efficientnet_lite as _efficientnet_lite
 from xfer.weights import sources
 from xfer.weights import vgg as _vgg
-from xfer.weights.convert import PortReport, WeightMap, WeightMismatchError, port
+from xfer.weights.convert import Entry, PortReport, WeightMap, WeightMismatchError, copy, port
 from xfer.weights.torch_pickle import CheckpointFormatError, UnsafeCheckpointError, load_pth
 
 __all__ = ["CheckpointFormatError", "PortReport", "UnsafeCheckpointError", "WeightMismatchError",
-           "load", "read", "weight_map"]
+           "load", "port_same_names", "read", "weight_map"]
 
 _WEIGHT_MAPS = {
     **{n: functools.partial(_vgg.weight_map, n) for n in _vgg_model.CONFIGS},
     **{f"{n}_bn": functools.partial(_vgg.weight_map, f"{n}_bn") for n in _vgg_model.CONFIGS},
+    "efficientnet_lite0": _efficientnet_lite.weight_map,
 }
 
 
@@ -58,3 +60,16 @@ def load(source: str, model_name: str, variables: Mapping) -> tuple[dict, PortRe
     """`variables` (freshly initialised) with the checkpoint at `source` ported in."""
     path = sources.resolve(source, model_name)
     return port(read(path), weight_map(model_name), variables, model_name)
+
+
+def port_same_names(source: Mapping[str, np.ndarray], model_name: str, variables: Mapping
+                    ) -> tuple[dict, PortReport]:
+    """Ports Flax variables saved under the same '/'-joined paths (another xfer run).
+
+    Goes through `port`, so it is as strict as a torch checkpoint: every
+    saved tensor used, every variable filled, and only the head may differ
+    in shape (then it stays freshly initialised).
+    """
+    identity = WeightMap(tuple(Entry(path, path, "copy", copy) for path in source),
+                         head=weight_map(model_name).head)
+    return port(source, identity, variables, model_name)

@@ -157,17 +157,23 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
         if e.target not in targets:
             problems.append(f"{e.source} maps to {e.target}, which {model_name} does not have")
             continue
-        value = np.asarray(e.fn(np.asarray(state_dict[e.source])))
+        source = np.asarray(state_dict[e.source])
         want = tuple(targets[e.target].shape)
+        try:
+            value = np.asarray(e.fn(source))
+        except ValueError:  # e.g. a 1-D BatchNorm weight where a conv kernel was expected
+            problems.append(f"{e.source} {_fmt(source.shape)} -> {e.target} needs {_fmt(want)} "
+                            f"but {e.transform} does not apply")
+            continue
         if value.shape != want:
             if any(e.target.startswith(h) for h in weight_map.head):
                 new_head.append(e.target)
                 continue
-            problems.append(f"{e.source} {_fmt(state_dict[e.source].shape)} -> {e.target} "
+            problems.append(f"{e.source} {_fmt(source.shape)} -> {e.target} "
                             f"needs {_fmt(want)} but gives {_fmt(value.shape)}")
             continue
         ported[e.target] = value.astype(targets[e.target].dtype)
-        rows.append((e.source, tuple(state_dict[e.source].shape), e.target, want, e.transform))
+        rows.append((e.source, source.shape, e.target, want, e.transform))
 
     unused = sorted(k for k in state_dict if k not in used and not k.endswith(_DROPPED_SUFFIXES))
     problems += [f"unused {k} {_fmt(state_dict[k].shape)}" for k in unused]

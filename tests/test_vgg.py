@@ -1,0 +1,115 @@
+"""Ported torchvision VGGs compute what torch computes, layer by layer.
+
+Random-init torchvision models are enough to prove the port: every weight
+travels through the same map as the ImageNet files, and random weights
+exercise every element of every kernel (pretrained files cannot be
+downloaded here).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from xfer import models
+from xfer.models import vgg
+from xfer.weights import convert, weight_map
+
+# max |flax - torch| <= RTOL * max |torch|, per layer.
+RTOL = 1e-4
+
+
+def _torch_and_flax(name: str):
+    torch.manual_seed(0)
+    torch_model = getattr(torchvision.models, name)().eval()
+    # Random running statistics, so BatchNorm's eval-mode affine is not the identity.
+    for module in torch_model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    flax_model = models.build(name)
+    fresh = flax_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables, report = convert.port(state_dict, weight_map(name), fresh, name)
+    assert report.new_head == ()
+    return torch_model, flax_model, variables
+
+
+def _torch_activations(torch_model, images_nchw, indices):
+    captured = {}  # copied at once: torchvision's in-place ReLU overwrites conv outputs
+    hooks = [torch_model.features[i].register_forward_hook(
+        lambda _m, _in, out, i=i: captured.__setitem__(i, out.permute(0, 2, 3, 1).numpy().copy()))
+        for i in indices]
+    with torch.no_grad():
+        logits = torch_model(torch.from_numpy(images_nchw)).numpy()
+    for hook in hooks:
+        hook.remove()
+    return captured, logits
+
+
+def _assert_close(ours, theirs, where):
+    scale = np.abs(theirs).max()
+    err = np.abs(np.asarray(ours) - theirs).max()
+    assert err <= RTOL * scale, f"{where}: max abs diff {err:.3g} vs activation scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", ["vgg16", "vgg11_bn"])
+def test_every_layer_and_logits_match_torchvision(name):
+    torch_model, flax_model, variables = _torch_and_flax(name)
+    indices = [i for i, kind, _ in vgg.feature_layers(vgg.CONFIGS[name[:5]], name.endswith("_bn"))
+               if kind != "pool"]
+    rng = np.random.default_rng(0)
+    for size in (32, 224):
+        images = rng.standard_normal((2, 3, size, size), dtype=np.float32)
+        expected, expected_logits = _torch_activations(torch_model, images, indices)
+        logits, state = flax_model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)),
+                                         capture_intermediates=True)
+        ours = state["intermediates"]["features"]
+        for i in indices:
+            _assert_close(ours[str(i)]["__call__"][0], expected[i], f"{name}@{size} features.{i}")
+        _assert_close(logits, expected_logits, f"{name}@{size} logits")
+
+
+def test_classifier_rows_follow_torch_flatten_order():
+    """A torch kernel row (c, h, w) must land on the NHWC flatten row (h, w, c)."""
+    channels, height, width, out = 3, 2, 2, 5
+    w = np.arange(out * channels * height * width, dtype=np.float32).reshape(out, -1)
+    ported = convert.nchw_flatten_to_nhwc(channels, height, width)(w)
+    for c in range(channels):
+        for h in range(height):
+            for x in range(width):
+                np.testing.assert_array_equal(ported[(h * width + x) * channels + c],
+                                              w[:, (c * height + h) * width + x])
+
+
+def test_new_head_is_fresh_and_the_rest_is_ported():
+    torch.manual_seed(0)
+    state_dict = {k: v.numpy() for k, v in torchvision.models.vgg11().state_dict().items()}
+    model = models.build("vgg11", num_classes=10)
+    fresh = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    variables, report = convert.port(state_dict, weight_map("vgg11"), fresh, "vgg11")
+    assert set(report.new_head) == {"params/classifier/6/bias", "params/classifier/6/kernel"}
+    head = variables["params"]["classifier"]["6"]
+    np.testing.assert_array_equal(head["kernel"], fresh["params"]["classifier"]["6"]["kernel"])
+    assert head["kernel"].shape == (4096, 10)
+    np.testing.assert_array_equal(variables["params"]["features"]["0"]["kernel"],
+                                  state_dict["features.0.weight"].transpose(2, 3, 1, 0))
+
+
+def test_wrong_architecture_lists_mismatches_with_shapes():
+    state_dict = {k: v.numpy() for k, v in torchvision.models.vgg11_bn().state_dict().items()}
+    fresh = models.build("vgg11").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(convert.WeightMismatchError) as e:
+        convert.port(state_dict, weight_map("vgg11"), fresh, "vgg11")
+    message = str(e.value)
+    assert "\n" not in message
+    assert "checkpoint does not fit vgg11" in message
+    assert "missing features.3.weight (for params/features/3/kernel)" in message
+    assert "features.8.weight (256,128,3,3) -> params/features/8/kernel needs (3,3,256,256)" in message
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="unknown model 'vgg17'.*vgg16"):
+        models.build("vgg17")

@@ -1,0 +1,74 @@
+"""What a run tells its researcher: a progress line, TensorBoard, metrics.jsonl, summary.json.
+
+Only process 0 writes (on a pod every host would otherwise write the same
+files); every process still calls, so callers need no `if`.
+TensorBoard events go through tensorboardX, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger("xfer")
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Reporter:
+    def __init__(self, workdir: str | Path, total_steps: int, global_batch_size: int, is_writer: bool):
+        self.workdir, self.total_steps = Path(workdir), total_steps
+        self.global_batch_size, self.is_writer = global_batch_size, is_writer
+        self._tb = None
+        if is_writer:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._last_time, self._last_step = None, None
+
+    def start_timer(self, step: int) -> None:
+        """Called after the first (compiling) step, so rates measure steady state."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def train(self, step: int, metrics: dict) -> dict:
+        """Adds steps/s, images/s, ETA to `metrics`, logs a progress line, writes events."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        now = time.perf_counter()
+        if self._last_time is not None and step > self._last_step:
+            steps_per_s = (step - self._last_step) / (now - self._last_time)
+            metrics.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * self.global_batch_size)
+            eta = _fmt_duration((self.total_steps - step) / steps_per_s)
+        else:
+            eta = "?"
+        self._last_time, self._last_step = now, step
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        log.info("step %d/%d %s eta=%s", step, self.total_steps, shown, eta)
+        self.write(step, metrics, "train")
+        return metrics
+
+    def write(self, step: int, metrics: dict, prefix: str) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if not self.is_writer:
+            return
+        for k, v in scalars.items():
+            self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        with open(self.workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+
+    def write_file(self, name: str, text: str) -> None:
+        """Atomically (write + rename), so a killed run leaves no half file."""
+        if not self.is_writer:
+            return
+        path = self.workdir / name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

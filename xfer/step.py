@@ -1,0 +1,135 @@
+"""The jitted, data-parallel train and eval steps.
+
+One `jax.jit` each over a `Mesh(('data',))` of every device: parameters and
+optimizer state replicated (`P()`), the batch split along its first axis
+(`P('data')`). XLA inserts the gradient all-reduce, so the same code runs on
+one CPU, 8 simulated devices, a GPU box or a pod slice; on several hosts each
+process contributes its local shard through `global_batch`.
+
+Frozen parameters are selected from the old state at trace time (their
+labels are static strings), so they are bitwise unchanged and XLA drops their
+gradient work. Frozen modules also run in inference mode while training:
+BatchNorm on its running statistics (which therefore never change) and no
+dropout, so the trainable part learns on the same features it sees at
+evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xfer import optim, partition
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any  # {} for models without BatchNorm
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key: dropout and stochastic depth fold in the step
+
+
+def create_state(variables, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed))
+
+
+def data_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicate(tree, mesh: Mesh):
+    """Puts a host or single-device pytree on every device of `mesh`."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of the batch -> one global array split over 'data'."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def _keep_frozen(new, old, frozen_mask):
+    return jax.tree.map(lambda n, o, frozen: o if frozen else n, new, old, frozen_mask)
+
+
+def frozen_in_inference_mode(frozen_modules: frozenset[str]):
+    """A context in which BatchNorm and Dropout layers of frozen modules run as in eval.
+
+    Models pass these layers' modes at call time (`xfer.models.layers`), so the
+    interceptor can override them by module path for any model family.
+    """
+    def interceptor(next_fun, args, kwargs, context):
+        module, path = context.module, "/".join(context.module.path)
+        if context.method_name == "__call__":
+            if isinstance(module, nn.BatchNorm) and path in frozen_modules:
+                kwargs = {**kwargs, "use_running_average": True}
+            elif isinstance(module, nn.Dropout) and "/".join(module.path[:-1]) in frozen_modules:
+                kwargs = {**kwargs, "deterministic": True}
+        return next_fun(*args, **kwargs)
+
+    return nn.intercept_methods(interceptor)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, mesh: Mesh) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated."""
+    params_frozen = partition.frozen_mask(labels)
+    frozen_modules = partition.frozen_modules(labels)
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            variables = {"params": params}
+            if state.batch_stats:
+                variables["batch_stats"] = state.batch_stats
+            with frozen_in_inference_mode(frozen_modules):
+                logits, updated = model.apply(variables, batch["image"], train=True,
+                                              mutable=["batch_stats"], rngs={"dropout": rng})
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+            return loss, (logits, updated.get("batch_stats", {}))
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = _keep_frozen(optax.apply_updates(state.params, updates), state.params, params_frozen)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "grad_norm": optim.trainable_grad_norm(grads, labels),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable:
+    """`eval_step(state, batch) -> dict` of per-example prediction, top-5 hit, label and mask.
+
+    Per-example outputs (not sums) so the host can build the confusion matrix;
+    replicated, so every process can read the whole global batch.
+    """
+    def eval_step(state: TrainState, batch):
+        variables = {"params": state.params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        logits = model.apply(variables, batch["image"], train=False)
+        k = min(5, logits.shape[-1])
+        top_k = jax.lax.top_k(logits, k)[1]
+        return {"prediction": top_k[:, 0], "top5": jnp.any(top_k == batch["label"][:, None], axis=-1),
+                "label": batch["label"], "mask": batch["mask"]}
+
+    return jax.jit(eval_step, out_shardings=NamedSharding(mesh, P()))

@@ -1,0 +1,199 @@
+"""`python -m xfer.weights`: look inside a checkpoint, port it once, check a port on real photos.
+
+    python -m xfer.weights inspect ~/.cache/torch/hub/checkpoints/vgg16-397923af.pth
+    python -m xfer.weights convert imagenet --model vgg16 --num-classes 10 --out ported/vgg16
+    python -m xfer.weights check                      # EfficientNet-Lite0 on two photos
+
+A port that goes wrong is nearly always the input's fault (a file for another
+architecture, a truncated download, no internet), so those errors end in one
+`error:` line saying what to fix, with exit code 2, never a traceback. An
+output directory appears whole or not at all: it is written beside its final
+name and renamed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.resources
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from xfer import models
+from xfer.weights import (CheckpointFormatError, PortReport, UnsafeCheckpointError, WeightMismatchError,
+                          load, read, sources)
+from xfer.weights.convert import _fmt as format_shape  # the mapping table's shape format
+
+# What bad input raises; anything else is a bug and keeps its traceback.
+_USER_ERRORS = (WeightMismatchError, CheckpointFormatError, UnsafeCheckpointError, ValueError,
+                OSError, ModuleNotFoundError)
+
+# Variable shapes do not depend on the input size, so initialise at the smallest
+# size every model accepts (five stride-2 stages).
+_INIT_SIZE = 32
+
+# scikit-image's photos and the ImageNet classes a good port puts first.
+_CHECK_PHOTOS = {"chelsea": range(281, 286), "coffee": (967,)}  # a cat; an espresso
+
+SAFETENSORS_FILE = "variables.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except _USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m xfer.weights", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="list a checkpoint's tensors: key, shape, dtype")
+    inspect.add_argument("file", help="a .pth or .safetensors file")
+    inspect.set_defaults(command=_inspect)
+
+    convert = commands.add_parser("convert", help="port a torch checkpoint into a model's Flax variables")
+    convert.add_argument("file", help="a .pth/.safetensors path, a torchvision file name, or 'imagenet'")
+    convert.add_argument("--model", required=True, choices=sorted(models.MODELS))
+    convert.add_argument("--num-classes", type=int, default=1000,
+                         help="classes of the new head; other than the checkpoint's -> freshly initialised")
+    convert.add_argument("--out", required=True, type=Path, help="output directory; must not exist or be empty")
+    convert.add_argument("--format", choices=("orbax", "safetensors"), default="orbax",
+                         help=f"an Orbax checkpoint, or DIR/{SAFETENSORS_FILE} with '/'-joined keys")
+    convert.set_defaults(command=_convert)
+
+    check = commands.add_parser("check", help="classify two photos with a model's ported ImageNet weights")
+    check.add_argument("--model", default="efficientnet_lite0", choices=sorted(sources.imagenet_models()))
+    check.set_defaults(command=_check)
+    return parser
+
+
+# --- inspect ----------------------------------------------------------------
+
+def _inspect(args) -> int:
+    tensors = read(args.file)
+    rows = [(key, format_shape(a.shape), str(a.dtype)) for key, a in tensors.items()]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("key", "shape", "dtype"))]
+    for row in [("key", "shape", "dtype"), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    parameters = sum(a.size for a in tensors.values())
+    size = sum(a.nbytes for a in tensors.values())
+    print(f"{len(tensors)} tensors, {parameters:,} parameters, {size:,} bytes ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+# --- convert ----------------------------------------------------------------
+
+def _convert(args) -> int:
+    out = args.out.resolve()
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise FileExistsError(f"--out {out} already exists and is not an empty directory; "
+                              "choose a new --out or remove it first")
+    path = sources.resolve(args.file, args.model)
+    print(f"reading {path}")
+    variables, report = _ported_variables(str(path), args.model, args.num_classes)
+    print(report.table())
+    write = _write_orbax if args.format == "orbax" else _write_safetensors
+    _write_atomically(out, functools.partial(write, variables))
+    print(f"wrote {out} ({args.format}, {_count(variables):,} values)")
+    return 0
+
+
+def _ported_variables(source: str, model_name: str, num_classes: int = 1000) -> tuple[dict, PortReport]:
+    """The model's Flax variables with `source` ported in, initialising only what the port leaves new.
+
+    Shapes alone (`jax.eval_shape`) are enough to port into, and only a new
+    head needs real random values: jitting an init that returns just those
+    lets XLA drop the rest (measured on 2 CPU cores: 0.8 s instead of 15 s for vgg11).
+    """
+    model = models.build(model_name, num_classes)
+    init = functools.partial(model.init, jax.random.PRNGKey(0), jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, 3)))
+    variables, report = load(source, model_name, jax.eval_shape(init))
+    if report.new_head:
+        flat = traverse_util.flatten_dict(variables, sep="/")
+        flat.update(jax.jit(lambda: _pick(init(), report.new_head))())
+        variables = traverse_util.unflatten_dict(flat, sep="/")
+    return variables, report
+
+
+def _pick(variables: dict, paths: tuple[str, ...]) -> dict:
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    return {p: flat[p] for p in paths}
+
+
+def _write_atomically(out: Path, write) -> None:
+    """Has `write(path)` create a sibling of `out`, then renames it to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        write(staging / out.name)
+        (staging / out.name).rename(out)  # replaces an empty directory, refuses a full one
+    finally:
+        shutil.rmtree(staging)
+
+
+def _write_orbax(variables: dict, path: Path) -> None:
+    import orbax.checkpoint as ocp  # slow to import; only this path needs it
+
+    with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the async save
+        checkpointer.save(path, variables)
+
+
+def _write_safetensors(variables: dict, path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    path.mkdir()
+    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path / SAFETENSORS_FILE))
+
+
+def _count(variables: dict) -> int:
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables))
+
+
+# --- check ------------------------------------------------------------------
+
+def _check(args) -> int:
+    from skimage import data
+
+    from xfer import preprocess
+
+    info = models.info(args.model)
+    path = sources.resolve("imagenet", args.model)
+    print(f"{args.model}: ImageNet weights from {path}")
+    variables, _ = _ported_variables(str(path), args.model)
+    images = np.stack([preprocess.normalise(preprocess.center_crop_resize(getattr(data, photo)(),
+                                                                         info.input_size), info)
+                       for photo in _CHECK_PHOTOS])
+    logits = jax.jit(models.build(args.model).apply)(variables, jnp.asarray(images))
+    probabilities = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
+    class_names = _imagenet_class_names()
+    passed = True
+    for (photo, expected), p in zip(_CHECK_PHOTOS.items(), probabilities):
+        top5 = np.argsort(p)[::-1][:5]
+        ok = top5[0] in expected
+        passed &= ok
+        wanted = ", ".join(f"{c} {class_names[c]}" for c in expected)
+        print(f"{photo}: {'OK' if ok else 'FAIL'} (expected one of: {wanted})")
+        for c in top5:
+            print(f"  {p[c]:6.1%}  {c:4d}  {class_names[c]}")
+    return 0 if passed else 1
+
+
+def _imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (from torchvision's weight metadata)."""
+    return (importlib.resources.files("xfer.weights") / "imagenet_classes.txt").read_text().splitlines()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
