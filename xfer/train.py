@@ -43,7 +43,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     info = models.info(config.model.name)
     data = data_lib.build(config.data, info, config.batch_size, config.seed)
     model = models.build(config.model.name, num_classes=data.num_classes, **_model_overrides(config))
-    variables = init_variables(model, config.model.name, config.init, data.image_size, config.seed)
+    variables = init_variables(model, config.model.name, config.init, data.image_size, config.seed,
+                               config.head_zero_init)
     labels = partition.labels(variables["params"], config.partition)
     total_steps = _total_steps(config, data.num_train)
     tx = optim.build(config.optim, labels, total_steps)
@@ -98,13 +99,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     return summary
 
 
-def init_variables(model, model_name: str, init: str, image_size: int, seed: int) -> dict:
+def init_variables(model, model_name: str, init: str, image_size: int, seed: int,
+                   head_zero_init: bool) -> dict:
     """Fresh variables at the data's resolution, then `init` ported in.
 
     `init`: "scratch" (random, torch-style initialisation), "imagenet", a
     torchvision file name or checkpoint path (see `xfer.weights`), or
-    "run:<workdir>" for another xfer run's latest parameters; a head whose
-    class count differs is freshly initialised in every case.
+    "run:<workdir>" for another xfer run's latest parameters. A head whose
+    class count differs is freshly initialised; with `head_zero_init` to
+    zeros (big_vision's transfer default): the first steps then start from
+    uniform predictions instead of large random logits, which a small
+    head's default init (e.g. Lite0's U(+-1/sqrt(classes))) produces.
     """
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(seed), images)
@@ -121,6 +126,10 @@ def init_variables(model, model_name: str, init: str, image_size: int, seed: int
         ported, report = weights.load(init, model_name, variables)
     log.info("init: %s -> %d tensors ported%s", init, len(report.rows),
              f", new head {', '.join(report.new_head)}" if report.new_head else "")
+    if head_zero_init and report.new_head:
+        flat = traverse_util.flatten_dict(ported, sep="/")
+        ported = traverse_util.unflatten_dict(
+            {path: jnp.zeros_like(v) if path in report.new_head else v for path, v in flat.items()}, sep="/")
     return ported
 
 

@@ -1,0 +1,74 @@
+"""Grain assembly: random-access examples to per-process batches, in an order fixed by the seed.
+
+Train: one global stream `shuffle(seed) -> repeat forever -> augment`, in which epoch e is a
+fresh permutation (grain folds e into the shuffle seed) and the augmentation of position i is
+seeded by (seed, i). Process p of P takes positions p, p+P, p+2P, ... and batches them, so at
+every step the P local batches are disjoint and together are exactly the global batch a
+single-process run would see. Everything is indexed by position, so the iterator's state is one
+integer (`{"next_index": n}`) and a restored iterator continues exactly where it stopped.
+
+Batches are formed before the iterator (on the MapDataset), which makes each batch a single
+element to grain: threads and worker processes fetch whole batches, and the batches are the same
+whatever `num_threads` / `num_workers` are.
+
+Eval: the split in its stored order, padded with masked blank examples to a whole number of global
+batches, so every process yields the same number of batches (as collectives require) and every
+example counts once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from xfer.data.transforms import CropFlip, Normalise, Prepare
+
+
+def train_batches(records: Sequence[dict[str, Any]], augment: CropFlip | Prepare,
+                  normalise: Normalise, *, batch_size: int, seed: int, process_index: int,
+                  process_count: int, num_threads: int, num_workers: int) -> grain.DatasetIterator:
+    """An endless iterator of this process's `batch_size` batches; `get_state()` / `set_state()`."""
+    stream = grain.MapDataset.source(records).seed(seed).shuffle().repeat()
+    if isinstance(augment, grain.transforms.RandomMap):
+        stream = stream.random_map(augment)
+    else:
+        stream = stream.map(augment)
+    batches = (stream[process_index::process_count]
+               .batch(batch_size, drop_remainder=True).map(normalise))
+    return iter(_prefetched(batches, num_threads, num_workers))
+
+
+def eval_batches(records: Sequence[dict[str, Any]], prepare: Prepare, normalise: Normalise, *,
+                 batch_size: int, process_index: int, process_count: int, num_threads: int,
+                 num_workers: int) -> grain.IterDataset:
+    """One pass over `records` in this process's batches, each with a float32 "mask" (0 = padding)."""
+    global_batch = batch_size * process_count
+    padded_length = -(-len(records) // global_batch) * global_batch
+    examples = (grain.MapDataset.range(padded_length)[process_index::process_count]
+                .map(_PaddedLookup(records, prepare)))
+    return _prefetched(examples.batch(batch_size).map(normalise), num_threads, num_workers)
+
+
+class _PaddedLookup(grain.transforms.Map):
+    """Global position -> the prepared example with mask 1, or past the end a blank with mask 0."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], prepare: Prepare):
+        self.records = records
+        self.prepare = prepare
+
+    def map(self, position: int) -> dict[str, Any]:
+        if position < len(self.records):
+            return {**self.prepare.map(self.records[position]), "mask": np.float32(1)}
+        size = self.prepare.size
+        return {"image": np.zeros((size, size, 3), np.uint8), "label": 0, "mask": np.float32(0)}
+
+
+def _prefetched(batches: grain.MapDataset, num_threads: int, num_workers: int) -> grain.IterDataset:
+    # The prefetch buffer counts batches: one per thread keeps every thread busy.
+    loader = batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                       prefetch_buffer_size=num_threads))
+    if num_workers:
+        loader = loader.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return loader

@@ -1,0 +1,86 @@
+"""`config.data`, read once into a checked dataclass: one place lists every field and its default.
+
+A plain dict or an ml_collections ConfigDict both work. An unknown key is an error (a typo must not
+silently fall back to a default); fields that belong to another source are ignored, so one config
+can switch `source` from the command line without clearing the other source's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from xfer.data.errors import DataError
+
+SOURCES = ("tfds", "folder", "digits")
+AUGMENTATIONS = ("crop_flip", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    source: str  # "tfds", "folder" or "digits"
+    # tfds: the registered dataset name, e.g. "cifar10".
+    name: str | None = None
+    # tfds: root of the prepared datasets (None: tfds's default, ~/tensorflow_datasets or $TFDS_DATA_DIR).
+    data_dir: str | None = None
+    # folder: the directory holding train/ and val/ (or test/), each with one folder per class.
+    path: str | None = None
+    # tfds: split names (any tfds split string, e.g. "train[:90%]"); folder: subfolder names.
+    train_split: str = "train"
+    # None: "test" for tfds; for a folder "val", or "test" where there is no val/.
+    eval_split: str | None = None
+    # digits: share of the 1797 images held out for eval (stratified, always the same split).
+    test_fraction: float = 0.2
+    # Side of the square images the model sees (None: the model's ModelInfo.input_size). Eval images
+    # (and train images with augment="none") are the central square of the image resized to it:
+    # the same as "resize the shorter side, center crop", and a plain resize for square images.
+    image_size: int | None = None
+    # "crop_flip": the central square resized to image_size * (1 + crop_margin), then a random
+    # image_size crop, mirrored left-right half the time if `flip`. "none": exactly like eval.
+    augment: str = "crop_flip"
+    # crop_flip only: False for data where mirroring changes the class (digits, text).
+    flip: bool = True
+    # crop_flip only: how much larger than image_size the image is before the random crop;
+    # 0.125 shifts by up to 1/16 of the image each way, like CIFAR's 4-pixel pad on 32.
+    crop_margin: float = 0.125
+    # Threads per process preparing batches concurrently (PIL resizing releases the GIL).
+    num_threads: int = 4
+    # grain worker processes per process (0: threads only). The batches are the same either way, but
+    # the saved iterator state is not: resume with the same num_workers. grain reads absl flags in
+    # its workers, so the program must parse them first (launch.py's absl app does).
+    num_workers: int = 0
+
+    @classmethod
+    def read(cls, config: Mapping[str, Any]) -> "DataSettings":
+        given = dict(config)
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise DataError(f"unknown config.data key(s) {', '.join(unknown)}; "
+                            f"the keys are: {', '.join(known)}")
+        if "source" not in given:
+            raise DataError(f"config.data.source is not set; choose one of {', '.join(SOURCES)}")
+        settings = cls(**given)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.source not in SOURCES:
+            raise DataError(f"config.data.source={self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.source == "tfds" and not self.name:
+            raise DataError('config.data.source="tfds" needs config.data.name, e.g. "cifar10"')
+        if self.source == "folder" and not self.path:
+            raise DataError('config.data.source="folder" needs config.data.path, the directory '
+                            "holding train/ and val/")
+        if self.augment not in AUGMENTATIONS:
+            raise DataError(f"config.data.augment={self.augment!r}; choose one of "
+                            f"{', '.join(AUGMENTATIONS)}")
+        if not 0 < self.test_fraction < 1:
+            raise DataError(f"config.data.test_fraction={self.test_fraction}; it must lie in (0, 1)")
+        if self.image_size is not None and self.image_size < 1:
+            raise DataError(f"config.data.image_size={self.image_size}; it must be positive, or None "
+                            "for the model's input size")
+        if self.crop_margin < 0:
+            raise DataError(f"config.data.crop_margin={self.crop_margin}; it must be >= 0")
+        if self.num_threads < 0 or self.num_workers < 0:
+            raise DataError("config.data.num_threads and num_workers must be >= 0")
