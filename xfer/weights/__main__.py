@@ -29,7 +29,7 @@ from flax import traverse_util
 from xfer import models
 from xfer.weights import (CheckpointFormatError, PortReport, UnsafeCheckpointError, WeightMismatchError,
                           load, read, sources)
-from xfer.weights.convert import _fmt as format_shape  # the mapping table's shape format
+from xfer.weights.convert import format_shape
 
 # What bad input raises; anything else is a bug and keeps its traceback.
 _USER_ERRORS = (WeightMismatchError, CheckpointFormatError, UnsafeCheckpointError, ValueError,

@@ -58,7 +58,7 @@ class PortReport:
 
     def table(self) -> str:
         header = ("torch key", "shape", "flax variable", "shape", "transform")
-        rows = [header] + [(s, _fmt(ss), t, _fmt(ts), tr) for s, ss, t, ts, tr in self.rows]
+        rows = [header] + [(s, format_shape(ss), t, format_shape(ts), tr) for s, ss, t, ts, tr in self.rows]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -66,7 +66,7 @@ class PortReport:
         return "\n".join(lines)
 
 
-def _fmt(shape) -> str:
+def format_shape(shape) -> str:
     return str(tuple(int(n) for n in shape)).replace(" ", "")
 
 
@@ -162,23 +162,23 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
         try:
             value = np.asarray(e.fn(source))
         except ValueError:  # e.g. a 1-D BatchNorm weight where a conv kernel was expected
-            problems.append(f"{e.source} {_fmt(source.shape)} -> {e.target} needs {_fmt(want)} "
+            problems.append(f"{e.source} {format_shape(source.shape)} -> {e.target} needs {format_shape(want)} "
                             f"but {e.transform} does not apply")
             continue
         if value.shape != want:
             if any(e.target.startswith(h) for h in weight_map.head):
                 new_head.append(e.target)
                 continue
-            problems.append(f"{e.source} {_fmt(source.shape)} -> {e.target} "
-                            f"needs {_fmt(want)} but gives {_fmt(value.shape)}")
+            problems.append(f"{e.source} {format_shape(source.shape)} -> {e.target} "
+                            f"needs {format_shape(want)} but gives {format_shape(value.shape)}")
             continue
         ported[e.target] = value.astype(targets[e.target].dtype)
         rows.append((e.source, source.shape, e.target, want, e.transform))
 
     unused = sorted(k for k in state_dict if k not in used and not k.endswith(_DROPPED_SUFFIXES))
-    problems += [f"unused {k} {_fmt(state_dict[k].shape)}" for k in unused]
+    problems += [f"unused {k} {format_shape(state_dict[k].shape)}" for k in unused]
     unfilled = sorted(set(targets) - set(ported) - set(new_head))
-    problems += [f"{t} {_fmt(targets[t].shape)} not filled" for t in unfilled]
+    problems += [f"{t} {format_shape(targets[t].shape)} not filled" for t in unfilled]
     if problems:
         listed = "; ".join(problems[:_MAX_LISTED])
         more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
