@@ -113,3 +113,27 @@ def test_wrong_architecture_lists_mismatches_with_shapes():
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="unknown model 'vgg17'.*vgg16"):
         models.build("vgg17")
+
+
+def test_train_mode_outputs_and_running_statistics_match_torchvision():
+    """One training forward: batch-statistics outputs, and torch's running-stat update
+    (momentum convention, unbiased variance) — where ported BatchNorm usually drifts."""
+    torch_model, flax_model, variables = _torch_and_flax("vgg11_bn")
+    torch_model.train()
+    for module in torch_model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    images = np.random.default_rng(1).standard_normal((4, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        expected_logits = torch_model(torch.from_numpy(images)).numpy()
+    flax_model = flax_model.clone(dropout_rate=0.0)
+    logits, updated = flax_model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), train=True,
+                                       mutable=["batch_stats"])
+    _assert_close(logits, expected_logits, "train-mode logits")
+    torch_state = torch_model.state_dict()
+    for index, kind, _ in vgg.feature_layers(vgg.CONFIGS["vgg11"], batch_norm=True):
+        if kind == "bn":
+            ours = updated["batch_stats"]["features"][str(index)]
+            for ours_key, torch_key in (("mean", "running_mean"), ("var", "running_var")):
+                _assert_close(ours[ours_key], torch_state[f"features.{index}.{torch_key}"].numpy(),
+                              f"features.{index}.{torch_key}")

@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xfer import optim, partition
+from xfer.models import layers
 
 
 @flax.struct.dataclass
@@ -73,7 +74,7 @@ def frozen_in_inference_mode(frozen_modules: frozenset[str]):
     def interceptor(next_fun, args, kwargs, context):
         module, path = context.module, "/".join(context.module.path)
         if context.method_name == "__call__":
-            if isinstance(module, nn.BatchNorm) and path in frozen_modules:
+            if isinstance(module, layers.BatchNorm) and path in frozen_modules:
                 kwargs = {**kwargs, "use_running_average": True}
             elif isinstance(module, nn.Dropout) and "/".join(module.path[:-1]) in frozen_modules:
                 kwargs = {**kwargs, "deterministic": True}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,9 +40,41 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarr
 # the constructor: that lets `xfer.step` switch frozen parts of any model to inference mode
 # (flax.linen.intercept_methods) without each model plumbing a policy through its modules.
 
+class BatchNorm(nn.Module):
+    """torch's BatchNorm arithmetic in Flax's variable layout (`scale`, `bias`; `mean`, `var`).
+
+    It differs from `flax.linen.BatchNorm` where ports break: the running
+    variance is updated with the *unbiased* batch variance (n / (n - 1)), as
+    torch does, so running statistics after a training step match torch's.
+    `momentum` is Flax's convention: torch's `momentum=m` is `1 - m` here.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, use_running_average: bool) -> jnp.ndarray:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = x.mean(axes)
+            var = jnp.square(x - mean).mean(axes)  # two passes: exact where E[x^2] - E[x]^2 cancels
+            if not self.is_initializing():
+                count = x.size // features
+                unbiased = var * count / max(count - 1, 1)
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
 def batch_norm(x: jnp.ndarray, train: bool, *, name: str, momentum: float, epsilon: float) -> jnp.ndarray:
-    """A Flax BatchNorm; `momentum` is Flax's (torch's momentum m is 1 - m here)."""
-    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, name=name)(x, use_running_average=not train)
+    return BatchNorm(momentum=momentum, epsilon=epsilon, name=name)(x, use_running_average=not train)
 
 
 def dropout(x: jnp.ndarray, rate: float, train: bool, broadcast_dims: tuple[int, ...] = ()) -> jnp.ndarray:
