@@ -12,7 +12,7 @@ PyTorch version of this recipe reaches (not measured here: no GPU, no download).
 
 import ml_collections
 
-from xfer import optim
+from xfer import data, optim
 
 
 def get_config(arg: str = ""):
@@ -22,16 +22,21 @@ def get_config(arg: str = ""):
     config.model = ml_collections.ConfigDict({"name": "vgg16"})
     config.init = "imagenet"  # torchvision's IMAGENET1K_V1 weights
     config.head_zero_init = False  # torchvision's N(0, 0.01) head init, as the PyTorch recipe
-    config.data = ml_collections.ConfigDict({
-        "source": "tfds",
-        "name": "cifar10",
-        "train_split": "train",
-        "eval_split": "test",
-        "image_size": int(args.get("res", 224)),  # CIFAR's 32x32 upscaled, as the seed recipe does
-        "augment": "crop_flip",
-    })
+    config.data = data.config_dict(  # every data field present, so any can be overridden
+        source="tfds",
+        name="cifar10",
+        train_split="train",
+        eval_split="test",
+        image_size=int(args.get("res", 224)),  # CIFAR's 32x32 upscaled, as the seed recipe does
+        augment="crop_flip",
+    )
     # torch: `for p in model.features.parameters(): p.requires_grad = False`.
     config.partition = (("^features/", "frozen"), ("^classifier/", "classifier"))
+    # BatchNorm layers default to `frozen` where all their parameters are frozen, else `train`;
+    # (regex, policy) rules override that: policies train | frozen | stats_frozen (xfer/norms.py).
+    config.bn_policy = ()
+    # BatchNorm statistics over the global batch on several devices (False: per device).
+    config.bn_cross_device = True
     config.optim = ml_collections.ConfigDict({
         "classifier": optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9),
     })

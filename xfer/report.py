@@ -21,15 +21,39 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _step_of(line: str) -> float:
+    """A metrics.jsonl row's step; infinity for a line a kill cut short, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class Reporter:
     def __init__(self, workdir: str | Path, total_steps: int, global_batch_size: int, is_writer: bool):
         self.workdir, self.total_steps = Path(workdir), total_steps
         self.global_batch_size, self.is_writer = global_batch_size, is_writer
-        self._tb = None
-        if is_writer:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._tb = None  # opened on the first write: a run that fails before it adds no events file
+        self._purge_step = None
         self._last_time, self._last_step = None, None
+
+    def resume_from(self, step: int) -> None:
+        """Forgets what an earlier attempt logged after `step`, the step training restarts from.
+
+        A run killed (or failed) after logging step n but checkpointing only step
+        c < n repeats steps c+1..n: their metrics.jsonl rows are dropped and
+        TensorBoard's events purged, so every step is reported once.
+        """
+        self._purge_step = step + 1
+        path = self.workdir / "metrics.jsonl"
+        if not self.is_writer or not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            log.info("dropping %d metrics.jsonl rows logged after step %d by an earlier attempt",
+                     len(lines) - len(kept), step)
+            self.write_file("metrics.jsonl", "".join(kept))
 
     def start_timer(self, step: int) -> None:
         """Called after the first (compiling) step, so rates measure steady state."""
@@ -55,6 +79,9 @@ class Reporter:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if not self.is_writer:
             return
+        if self._tb is None:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=self._purge_step)
         for k, v in scalars.items():
             self._tb.add_scalar(f"{prefix}/{k}", v, step)
         with open(self.workdir / "metrics.jsonl", "a") as f:

@@ -8,10 +8,9 @@ process contributes its local shard through `global_batch`.
 
 Frozen parameters are selected from the old state at trace time (their
 labels are static strings), so they are bitwise unchanged and XLA drops their
-gradient work. Frozen modules also run in inference mode while training:
-BatchNorm on its running statistics (which therefore never change) and no
-dropout, so the trainable part learns on the same features it sees at
-evaluation.
+gradient work. Each BatchNorm layer follows its `xfer.norms` policy, and
+dropout inside frozen modules is off, so a frozen part learns nothing and
+computes at training what it computes at evaluation.
 """
 
 from __future__ import annotations
@@ -65,17 +64,25 @@ def _keep_frozen(new, old, frozen_mask):
     return jax.tree.map(lambda n, o, frozen: o if frozen else n, new, old, frozen_mask)
 
 
-def frozen_in_inference_mode(frozen_modules: frozenset[str]):
-    """A context in which BatchNorm and Dropout layers of frozen modules run as in eval.
+def training_modes(running_stats_layers: frozenset[str], frozen_modules: frozenset[str], bn_groups: int = 1):
+    """A context that sets each BatchNorm's and Dropout's mode by module path, for any model.
 
-    Models pass these layers' modes at call time (`xfer.models.layers`), so the
-    interceptor can override them by module path for any model family.
+    BatchNorm layers in `running_stats_layers` (their `xfer.norms` policy is
+    `frozen` or `stats_frozen`) normalise with running statistics and leave
+    them alone; the others use batch statistics, split into `bn_groups`
+    per-device slices when cross-device BatchNorm is off. Dropout inside a
+    frozen module is off, so a frozen part computes what it computes at eval.
+    Models pass these modes at call time (`xfer.models.layers`), which is
+    what lets the interceptor override them.
     """
     def interceptor(next_fun, args, kwargs, context):
         module, path = context.module, "/".join(context.module.path)
         if context.method_name == "__call__":
-            if isinstance(module, layers.BatchNorm) and path in frozen_modules:
-                kwargs = {**kwargs, "use_running_average": True}
+            if isinstance(module, layers.BatchNorm):
+                if path in running_stats_layers:
+                    kwargs = {**kwargs, "use_running_average": True}
+                elif bn_groups > 1:
+                    kwargs = {**kwargs, "groups": bn_groups}
             elif isinstance(module, nn.Dropout) and "/".join(module.path[:-1]) in frozen_modules:
                 kwargs = {**kwargs, "deterministic": True}
         return next_fun(*args, **kwargs)
@@ -83,10 +90,16 @@ def frozen_in_inference_mode(frozen_modules: frozenset[str]):
     return nn.intercept_methods(interceptor)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, mesh: Mesh) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated."""
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, mesh: Mesh,
+                    running_stats_layers: frozenset[str], bn_cross_device: bool = True) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated.
+
+    Under jit the batch is one global array, so BatchNorm statistics are over
+    the global batch (cross-device) unless `bn_cross_device` is False.
+    """
     params_frozen = partition.frozen_mask(labels)
     frozen_modules = partition.frozen_modules(labels)
+    bn_groups = 1 if bn_cross_device else mesh.size
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -95,7 +108,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
-            with frozen_in_inference_mode(frozen_modules):
+            with training_modes(running_stats_layers, frozen_modules, bn_groups):
                 logits, updated = model.apply(variables, batch["image"], train=True,
                                               mutable=["batch_stats"], rngs={"dropout": rng})
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import traverse_util
 
-from xfer import checkpoint, data as data_lib, evaluate, models, optim, partition, step as step_lib
+from xfer import checkpoint, data as data_lib, evaluate, models, norms, optim, partition, step as step_lib
 from xfer import weights
 from xfer.report import Reporter
 
@@ -43,17 +43,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     info = models.info(config.model.name)
     data = data_lib.build(config.data, info, config.batch_size, config.seed)
     model = models.build(config.model.name, num_classes=data.num_classes, **_model_overrides(config))
-    variables = init_variables(model, config.model.name, config.init, data.image_size, config.seed,
-                               config.head_zero_init)
-    labels = partition.labels(variables["params"], config.partition)
+    # Partition rules and optimizer specs are checked on the parameters' shapes (no compile),
+    # so a typo in a regex fails in seconds, before any weights are initialised or loaded.
+    images = jax.ShapeDtypeStruct((1, data.image_size, data.image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed), images)
+    labels = partition.labels(shapes["params"], config.partition)
+    bn_policies = norms.policies(shapes.get("batch_stats", {}), config.bn_policy, labels)
+    labels = norms.freeze_affine(labels, bn_policies)
     total_steps = _total_steps(config, data.num_train)
     tx = optim.build(config.optim, labels, total_steps)
     schedules = optim.schedules(config.optim, total_steps)
+    variables = init_variables(model, config.model.name, config.init, data.image_size, config.seed,
+                               config.head_zero_init)
 
     mesh = step_lib.data_mesh()
     state = step_lib.replicate(step_lib.create_state(variables, tx, config.seed), mesh)
     del variables
-    train_step = step_lib.make_train_step(model, tx, labels, mesh)
+    train_step = step_lib.make_train_step(model, tx, labels, mesh, norms.running_statistics_layers(bn_policies),
+                                          config.bn_cross_device)
     eval_step = step_lib.make_eval_step(model, mesh)
 
     is_writer = jax.process_index() == 0
@@ -66,6 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         start, state, data_state = ckpt.restore(state)
         data.train.set_state(data_state)
         log.info("resumed from step %d of %s", start, workdir)
+    reporter.resume_from(start)  # an earlier attempt may have logged steps past its last checkpoint
     log.info("%s on %d %s device(s), %d process(es); %d steps of %d images\n%s",
              config.model.name, jax.device_count(), jax.devices()[0].platform, jax.process_count(),
              total_steps, config.batch_size, partition.table(state.params, labels, state.opt_state))

@@ -17,6 +17,9 @@ Config examples (every field and its default: `xfer.data.settings.DataSettings`)
                        image_size=224, augment="crop_flip", num_workers=0)
     config.data = dict(source="folder", path="~/data/flowers")   # train/ and val/ of class folders
     config.data = dict(source="digits", flip=False)               # offline: sklearn's 8x8 digits
+
+In a config file for launch.py write `config.data = xfer.data.config_dict(source=..., ...)`: it holds
+every field, so any of them (the other sources' too) can be overridden from the command line.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import jax
 
 from xfer.data import pipeline, sources
 from xfer.data.errors import DataError
-from xfer.data.settings import DataSettings
+from xfer.data.settings import DataSettings, config_dict
 from xfer.data.transforms import CropFlip, Normalise, Prepare
 from xfer.models import ModelInfo
 
-__all__ = ["Data", "DataError", "DataSettings", "build"]
+__all__ = ["Data", "DataError", "DataSettings", "build", "config_dict"]
 
 
 @dataclasses.dataclass

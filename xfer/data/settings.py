@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import ml_collections
+
 from xfer.data.errors import DataError
 
 SOURCES = ("tfds", "folder", "digits")
@@ -84,3 +86,29 @@ class DataSettings:
             raise DataError(f"config.data.crop_margin={self.crop_margin}; it must be >= 0")
         if self.num_threads < 0 or self.num_workers < 0:
             raise DataError("config.data.num_threads and num_workers must be >= 0")
+
+
+# The type of each field whose default is None: ml_collections overrides those through placeholders.
+_OPTIONAL_TYPES = {"str | None": str, "int | None": int}
+
+
+def config_dict(**fields) -> ml_collections.ConfigDict:
+    """`config.data` with every field present: the given ones, defaults for the rest.
+
+    Under launch.py's locked config only fields the config holds can be set from the
+    command line, so a config written with this can switch to any source there
+    (`--config.data.source=folder --config.data.path=DIR`). Fields whose default is
+    None become typed placeholders, the form ml_collections can override.
+    """
+    defaults = {field.name: field.default for field in dataclasses.fields(DataSettings)
+                if field.default is not dataclasses.MISSING}
+    unknown = sorted(set(fields) - set(defaults) - {"source"})
+    if unknown:
+        raise DataError(f"unknown config.data key(s) {', '.join(unknown)}; "
+                        f"the keys are: source, {', '.join(defaults)}")
+    types = {field.name: _OPTIONAL_TYPES[field.type] for field in dataclasses.fields(DataSettings)
+             if field.default is None}
+    values = {**defaults, **fields}
+    return ml_collections.ConfigDict(
+        {name: ml_collections.config_dict.placeholder(types[name]) if value is None and name in types
+         else value for name, value in values.items()})

@@ -14,7 +14,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from xfer.models import efficientnet_lite, vgg
+from xfer.models import efficientnet_lite, resnet, vgg, vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,6 +45,10 @@ MODELS: dict[str, ModelInfo] = {
     **{f"{n}_bn": _vgg_info(f"{n}_bn", True) for n in vgg.CONFIGS},
     "efficientnet_lite0": ModelInfo("efficientnet_lite0", efficientnet_lite.EfficientNetLite, 224,
                                     LITE_MEAN, LITE_STD),
+    **{n: ModelInfo(n, functools.partial(resnet.ResNet, *resnet.CONFIGS[n]), 224, IMAGENET_MEAN, IMAGENET_STD)
+       for n in resnet.CONFIGS},
+    **{n: ModelInfo(n, functools.partial(vit.VisionTransformer, **vit.CONFIGS[n]), 224, IMAGENET_MEAN,
+                    IMAGENET_STD) for n in vit.CONFIGS},
 }
 
 

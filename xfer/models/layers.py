@@ -53,24 +53,28 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, use_running_average: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, use_running_average: bool, groups: int = 1) -> jnp.ndarray:
+        """`groups` > 1 normalises each of that many equal slices of the batch with its own
+        statistics (per-device BatchNorm, as torch DDP without SyncBatchNorm); running
+        averages then take the mean over groups."""
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if use_running_average:
-            mean, var = running_mean.value, running_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            mean = x.mean(axes)
-            var = jnp.square(x - mean).mean(axes)  # two passes: exact where E[x^2] - E[x]^2 cancels
-            if not self.is_initializing():
-                count = x.size // features
-                unbiased = var * count / max(count - 1, 1)
-                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+            return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
+        grouped = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+        axes = tuple(range(1, grouped.ndim - 1))
+        mean = grouped.mean(axes, keepdims=True)
+        var = jnp.square(grouped - mean).mean(axes, keepdims=True)  # two passes: no cancellation
+        if not self.is_initializing():
+            count = grouped[0].size // features
+            unbiased = var.mean(0).reshape(features) * count / max(count - 1, 1)
+            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean.mean(0).reshape(features)
+            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+        y = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.reshape(x.shape)
 
 
 def batch_norm(x: jnp.ndarray, train: bool, *, name: str, momentum: float, epsilon: float) -> jnp.ndarray:

@@ -16,10 +16,14 @@ from typing import Mapping
 
 import numpy as np
 
+from xfer.models import resnet as _resnet_model
 from xfer.models import vgg as _vgg_model
+from xfer.models import vit as _vit_model
 from xfer.weights import efficientnet_lite as _efficientnet_lite
+from xfer.weights import resnet as _resnet
 from xfer.weights import sources
 from xfer.weights import vgg as _vgg
+from xfer.weights import vit as _vit
 from xfer.weights.convert import Entry, PortReport, WeightMap, WeightMismatchError, copy, port
 from xfer.weights.torch_pickle import CheckpointFormatError, UnsafeCheckpointError, load_pth
 
@@ -30,6 +34,8 @@ _WEIGHT_MAPS = {
     **{n: functools.partial(_vgg.weight_map, n) for n in _vgg_model.CONFIGS},
     **{f"{n}_bn": functools.partial(_vgg.weight_map, f"{n}_bn") for n in _vgg_model.CONFIGS},
     "efficientnet_lite0": _efficientnet_lite.weight_map,
+    **{n: functools.partial(_resnet.weight_map, n) for n in _resnet_model.CONFIGS},
+    **{n: functools.partial(_vit.weight_map, n) for n in _vit_model.CONFIGS},
 }
 
 

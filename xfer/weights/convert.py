@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -35,6 +36,11 @@ class Entry:
     target: str  # '/'-joined, collection first
     transform: str  # human-readable name of `fn`, shown in the mapping table
     fn: Callable[[np.ndarray], np.ndarray]
+    # For a tensor whose shape follows a setting rather than the architecture (a ViT's position
+    # embedding follows the input resolution): `resize(value, target_shape)` fits `fn`'s result
+    # to the model's variable. Applied only when the shapes differ, and logged.
+    resize: Callable[[np.ndarray, tuple[int, ...]], np.ndarray] | None = None
+    resize_name: str = ""  # human-readable, appended to `transform` in the table when applied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,10 @@ class WeightMap:
 
     entries: tuple[Entry, ...]
     head: tuple[str, ...] = ()  # target prefixes, e.g. 'params/classifier/6/'
+    # (regex, replacement) pairs that bring keys of files saved under a module's older names to
+    # today's before matching, as torch's `_load_from_state_dict` hooks do: torchvision's ViT
+    # files predate its MLP rename (`mlp.linear_1` is today's `mlp.0`).
+    legacy_names: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +136,13 @@ def batchnorm(source: str, target: str) -> list[Entry]:
     ]
 
 
+def layernorm(source: str, target: str) -> list[Entry]:
+    return [
+        Entry(f"{source}.weight", _path("params", target, "scale"), "copy", copy),
+        Entry(f"{source}.bias", _path("params", target, "bias"), "copy", copy),
+    ]
+
+
 def dense(source: str, target: str, kernel_fn=transpose, kernel_transform="transpose") -> list[Entry]:
     return [
         Entry(f"{source}.weight", _path("params", target, "kernel"), kernel_transform, kernel_fn),
@@ -147,7 +164,8 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
     target shapes and supplies the new head when `num_classes` differs.
     """
     targets = traverse_util.flatten_dict(dict(variables), sep="/")
-    ported, rows, new_head, problems = {}, [], [], []
+    state_dict = _current_names(state_dict, weight_map.legacy_names)
+    ported, rows, new_head, resized, problems = {}, [], [], [], []
     used = set()
     for e in weight_map.entries:
         if e.source not in state_dict:
@@ -165,6 +183,16 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
             problems.append(f"{e.source} {format_shape(source.shape)} -> {e.target} needs {format_shape(want)} "
                             f"but {e.transform} does not apply")
             continue
+        transform = e.transform
+        if value.shape != want and e.resize is not None:
+            try:
+                value = np.asarray(e.resize(value, want))
+            except ValueError as error:
+                problems.append(f"{e.source} {format_shape(source.shape)} -> {e.target} needs "
+                                f"{format_shape(want)} but {e.resize_name} does not apply: {error}")
+                continue
+            transform = f"{e.transform} + {e.resize_name}"
+            resized.append(f"{e.source} {format_shape(source.shape)} -> {format_shape(want)} by {e.resize_name}")
         if value.shape != want:
             if any(e.target.startswith(h) for h in weight_map.head):
                 new_head.append(e.target)
@@ -173,7 +201,7 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
                             f"needs {format_shape(want)} but gives {format_shape(value.shape)}")
             continue
         ported[e.target] = value.astype(targets[e.target].dtype)
-        rows.append((e.source, source.shape, e.target, want, e.transform))
+        rows.append((e.source, source.shape, e.target, want, transform))
 
     unused = sorted(k for k in state_dict if k not in used and not k.endswith(_DROPPED_SUFFIXES))
     problems += [f"unused {k} {format_shape(state_dict[k].shape)}" for k in unused]
@@ -185,8 +213,26 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
         raise WeightMismatchError(
             f"checkpoint does not fit {model_name}: {len(problems)} mismatches: {listed}{more}. "
             "Is the file for another architecture (e.g. with/without BatchNorm)?")
+    for line in resized:
+        log.info("%s: resized %s", model_name, line)
     if new_head:
         log.info("%s: new head, freshly initialised (checkpoint head has another class count): %s",
                  model_name, ", ".join(new_head))
     merged = {t: ported.get(t, targets[t]) for t in targets}
     return traverse_util.unflatten_dict(merged, sep="/"), PortReport(tuple(rows), tuple(new_head))
+
+
+def _current_names(state_dict: Mapping[str, np.ndarray], legacy_names: tuple[tuple[str, str], ...]
+                   ) -> Mapping[str, np.ndarray]:
+    """`state_dict` with every key rewritten by `legacy_names`; an error where two keys meet."""
+    if not legacy_names:
+        return state_dict
+    renamed = {}
+    for key, value in state_dict.items():
+        current = key
+        for pattern, replacement in legacy_names:
+            current = re.sub(pattern, replacement, current)
+        if current in renamed:
+            raise WeightMismatchError(f"checkpoint holds {current} twice, under its current and a legacy name")
+        renamed[current] = value
+    return renamed

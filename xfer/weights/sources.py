@@ -33,6 +33,12 @@ TORCHVISION_FILES = {
     "vgg16_bn": "vgg16_bn-6c64b313.pth",
     "vgg19": "vgg19-dcbb9e9d.pth",
     "vgg19_bn": "vgg19_bn-c79401a0.pth",
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "resnet101": "resnet101-63fe2227.pth",
+    "resnet152": "resnet152-394f9c45.pth",
+    "vit_b_16": "vit_b_16-c867db91.pth",
 }
 
 # Models whose ImageNet weights ship inside a pip package, by xfer model name.
