@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xfer import optim, partition
+from xfer import feature_cache, optim, partition
 from xfer.models import layers
 
 
@@ -91,11 +91,13 @@ def training_modes(running_stats_layers: frozenset[str], frozen_modules: frozens
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, mesh: Mesh,
-                    running_stats_layers: frozenset[str], bn_cross_device: bool = True) -> Callable:
+                    running_stats_layers: frozenset[str], bn_cross_device: bool = True,
+                    cut: str | None = None, image_size: int = 0) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated.
 
     Under jit the batch is one global array, so BatchNorm statistics are over
-    the global batch (cross-device) unless `bn_cross_device` is False.
+    the global batch (cross-device) unless `bn_cross_device` is False. With a
+    `cut`, batch["image"] holds that module's cached output (`xfer.feature_cache`).
     """
     params_frozen = partition.frozen_mask(labels)
     frozen_modules = partition.frozen_modules(labels)
@@ -108,8 +110,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
-            with training_modes(running_stats_layers, frozen_modules, bn_groups):
-                logits, updated = model.apply(variables, batch["image"], train=True,
+            images, cached = feature_cache.model_inputs(batch, cut, image_size)
+            with training_modes(running_stats_layers, frozen_modules, bn_groups), cached:
+                logits, updated = model.apply(variables, images, train=True,
                                               mutable=["batch_stats"], rngs={"dropout": rng})
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
             return loss, (logits, updated.get("batch_stats", {}))
@@ -130,7 +133,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
     return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable:
+def make_eval_step(model: nn.Module, mesh: Mesh, cut: str | None = None, image_size: int = 0) -> Callable:
     """`eval_step(state, batch) -> dict` of per-example prediction, top-5 hit, label and mask.
 
     Per-example outputs (not sums) so the host can build the confusion matrix;
@@ -140,7 +143,9 @@ def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable:
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        logits = model.apply(variables, batch["image"], train=False)
+        images, cached = feature_cache.model_inputs(batch, cut, image_size)
+        with cached:
+            logits = model.apply(variables, images, train=False)
         k = min(5, logits.shape[-1])
         top_k = jax.lax.top_k(logits, k)[1]
         return {"prediction": top_k[:, 0], "top5": jnp.any(top_k == batch["label"][:, None], axis=-1),

@@ -29,11 +29,12 @@ from typing import Any, Iterator, Mapping
 
 import grain
 import jax
+import numpy as np
 
 from xfer.data import pipeline, sources
 from xfer.data.errors import DataError
 from xfer.data.settings import DataSettings, config_dict
-from xfer.data.transforms import CropFlip, Normalise, Prepare
+from xfer.data.transforms import CropFlip, Identity, LabelsToInt32, Normalise, Prepare
 from xfer.models import ModelInfo
 
 __all__ = ["Data", "DataError", "DataSettings", "build", "config_dict"]
@@ -47,7 +48,12 @@ class Data:
     num_eval: int  # likewise for the eval split
     image_size: int  # batches hold (batch_size, image_size, image_size, 3) images
     batch_size: int  # this process's batch size
-    eval_loader: grain.IterDataset = dataclasses.field(repr=False)
+    augment: str  # the train split's augmentation, "crop_flip" or "none"
+    _splits: sources.Splits = dataclasses.field(repr=False)
+    _prepare: grain.transforms.Map = dataclasses.field(repr=False)
+    _normalise: grain.transforms.Map = dataclasses.field(repr=False)
+    _seed: int = dataclasses.field(repr=False)
+    _shard: dict = dataclasses.field(repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -55,7 +61,38 @@ class Data:
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         """A fresh pass over the eval split; weigh each example by batch["mask"]."""
-        return iter(self.eval_loader)
+        return iter(self._pass(self._splits.eval))
+
+    def train_pass(self) -> Iterator[dict[str, Any]]:
+        """One pass over the train split in stored order, prepared as for eval, with "mask" and
+        "index" (the example's position in the split): what a feature cache is computed from."""
+        return iter(self._pass(self._splits.train))
+
+    def with_features(self, train: tuple[np.ndarray, np.ndarray], eval: tuple[np.ndarray, np.ndarray]) -> "Data":
+        """The same pipelines (order, sharding, iterator state) over precomputed per-example
+        (features, labels) of each split in stored order: batch["image"] then holds feature rows."""
+        splits = sources.Splits(train=FeatureRecords(*train), eval=FeatureRecords(*eval),
+                                class_names=self._splits.class_names)
+        return _assemble(splits, Identity(), Identity(), LabelsToInt32(), self.image_size, self.batch_size,
+                         "none", self._seed, self._shard)
+
+    def _pass(self, records) -> grain.IterDataset:
+        return pipeline.eval_batches(records, self._prepare, self._normalise, batch_size=self.batch_size,
+                                     **self._shard)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureRecords:
+    """Random access to (feature row, label) pairs: a split whose images were replaced."""
+
+    features: np.ndarray  # (N, ...) float32
+    labels: np.ndarray  # (N,) int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.features[index], "label": int(self.labels[index])}
 
 
 def build(config: Mapping[str, Any], model_info: ModelInfo, global_batch_size: int, seed: int, *,
@@ -80,6 +117,11 @@ def build(config: Mapping[str, Any], model_info: ModelInfo, global_batch_size: i
     normalise = Normalise(model_info.mean, model_info.std)
     shard = dict(process_index=process_index, process_count=process_count,
                  num_threads=settings.num_threads, num_workers=settings.num_workers)
+    return _assemble(splits, prepare, augment, normalise, image_size, batch_size, settings.augment, seed, shard)
+
+
+def _assemble(splits, prepare, augment, normalise, image_size: int, batch_size: int, augment_name: str,
+              seed: int, shard: dict) -> Data:
     return Data(
         train=pipeline.train_batches(splits.train, augment, normalise, batch_size=batch_size,
                                      seed=seed, **shard),
@@ -88,6 +130,10 @@ def build(config: Mapping[str, Any], model_info: ModelInfo, global_batch_size: i
         num_eval=len(splits.eval),
         image_size=image_size,
         batch_size=batch_size,
-        eval_loader=pipeline.eval_batches(splits.eval, prepare, normalise, batch_size=batch_size,
-                                          **shard),
+        augment=augment_name,
+        _splits=splits,
+        _prepare=prepare,
+        _normalise=normalise,
+        _seed=seed,
+        _shard=shard,
     )

@@ -40,10 +40,11 @@ def train_batches(records: Sequence[dict[str, Any]], augment: CropFlip | Prepare
     return iter(_prefetched(batches, num_threads, num_workers))
 
 
-def eval_batches(records: Sequence[dict[str, Any]], prepare: Prepare, normalise: Normalise, *,
-                 batch_size: int, process_index: int, process_count: int, num_threads: int,
+def eval_batches(records: Sequence[dict[str, Any]], prepare: grain.transforms.Map, normalise: grain.transforms.Map,
+                 *, batch_size: int, process_index: int, process_count: int, num_threads: int,
                  num_workers: int) -> grain.IterDataset:
-    """One pass over `records` in this process's batches, each with a float32 "mask" (0 = padding)."""
+    """One pass over `records` in this process's batches, each with a float32 "mask" (0 = padding)
+    and the int32 "index" of every example in `records` (padding repeats index 0)."""
     global_batch = batch_size * process_count
     padded_length = -(-len(records) // global_batch) * global_batch
     examples = (grain.MapDataset.range(padded_length)[process_index::process_count]
@@ -52,17 +53,16 @@ def eval_batches(records: Sequence[dict[str, Any]], prepare: Prepare, normalise:
 
 
 class _PaddedLookup(grain.transforms.Map):
-    """Global position -> the prepared example with mask 1, or past the end a blank with mask 0."""
+    """Global position -> the prepared example with mask 1, or past the end example 0 with mask 0."""
 
-    def __init__(self, records: Sequence[dict[str, Any]], prepare: Prepare):
+    def __init__(self, records: Sequence[dict[str, Any]], prepare: grain.transforms.Map):
         self.records = records
         self.prepare = prepare
 
     def map(self, position: int) -> dict[str, Any]:
-        if position < len(self.records):
-            return {**self.prepare.map(self.records[position]), "mask": np.float32(1)}
-        size = self.prepare.size
-        return {"image": np.zeros((size, size, 3), np.uint8), "label": 0, "mask": np.float32(0)}
+        real = position < len(self.records)
+        index = position if real else 0
+        return {**self.prepare.map(self.records[index]), "mask": np.float32(real), "index": np.int32(index)}
 
 
 def _prefetched(batches: grain.MapDataset, num_threads: int, num_workers: int) -> grain.IterDataset:

@@ -82,3 +82,17 @@ class Normalise(grain.transforms.Map):
         rows *= np.tile(self.scale, width)
         rows += np.tile(self.offset, width)
         return {**batch, "image": images, "label": batch["label"].astype(np.int32)}
+
+
+class Identity(grain.transforms.Map):
+    """Examples that need no preparation (precomputed features)."""
+
+    def map(self, example: Example) -> Example:
+        return example
+
+
+class LabelsToInt32(grain.transforms.Map):
+    """The batch step for precomputed float32 features: only labels change dtype."""
+
+    def map(self, batch: Example) -> Example:
+        return {**batch, "label": batch["label"].astype(np.int32)}
