@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from xfer import checkpoint, feature_cache, models, norms, partition, train
-from xfer.weights import convert
 
 from configs import quickstart
 

@@ -24,13 +24,23 @@ commit of step k and then SIGKILL its own process.
 
 Setup: EfficientNet-Lite0 from its ImageNet weights on digits at 32 px, batch
 16, 6 steps, checkpoints every 2; `_blocks/15` (with its three BatchNorms) and
-`_fc` train, the rest is frozen. The optimizer is SGD with momentum, not the
-quickstart's Adam: Adam's update g / (|g| + eps) magnifies a gradient
-difference by up to lr / eps near g = 0, and Lite0 has gradients whose exact
-value is 0 but whose computed value is rounding noise (~1e-8) of a sign that
-depends on summation order. With Adam, 8 vs 1 devices differ by ~lr in such
-entries after two steps although the gradients agree to ~1e-7; with SGD the
-difference stays at the rounding level. (Resume is bitwise with either.)
+`_fc` train, the rest is frozen. The runs share a persistent JAX compilation
+cache: the same executables either way, minus the seconds it takes to compile
+them again in every process (most of it Lite0's `jit(model.init)`).
+
+The optimizer is SGD with momentum, not the quickstart's Adam. Adam's update
+g / (sqrt(v) + eps) behaves like lr * sign(g) on an entry's first non-zero
+gradients, so entries whose gradient is at the rounding-noise level (|g| of a
+few 1e-8 here, thousands of them in block 15) move by +-lr depending on the
+order of a float32 sum. Measured with Adam: after two steps the gradients of 8
+and 1 device(s) agree to 4e-7, yet the parameters differ by 9e-3 (~lr). With
+SGD a gradient difference stays a difference of the same size.
+
+Measured on 2 CPU cores: 8 vs 1 device(s) differ by at most 1.3e-7 in params,
+1.5e-5 in batch_stats (a variance of ~260, so 6e-8 relative) and 4.5e-6 in the
+momentum (1e-5 of a tensor's largest entry); all within 0.2 of the tolerances
+below. Per-device BatchNorm statistics differ by up to 1.9, ~6600 times the
+tolerance.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -59,16 +70,25 @@ CONFIG = [
     "--config.batch_size=16",
     f"--config.total_steps={TOTAL}",
     "--config.data.augment=crop_flip",  # the data pipeline's random stream
+    "--config.data.test_fraction=0.05",  # 90 eval images: evaluation is not what is tested here
+    "--config.feature_cache=",  # train on images, through the frozen backbone, with augmentation
     f"--config.checkpoint.every={N}",
     "--config.checkpoint.keep_latest=2",
     # The last block (three trainable BatchNorms) and the head, whose dropout (0.2) is then active.
     '--config.partition=(("^_blocks/15/", "head"), ("^_fc/", "head"), (".*", "frozen"))',
     "--config.optim.head.optimizer=sgd",  # see the module docstring: not Adam
-    "--config.optim.head.lr=0.05",
+    "--config.optim.head.lr=0.01",
     "--config.optim.head.momentum=0.9",
 ]
-# rtol/atol for 8 vs 1 devices: float32 sums in another order differ in the last bits.
+# 8 vs 1 devices: float32 sums in another order differ in the last bits. Elementwise
+# |a - b| <= ATOL + RTOL |b| for params and batch_stats; the momentum sums raw gradients,
+# whose small entries are differences of large terms, so it is held to MOMENTUM_RTOL of
+# each tensor's largest entry.
 RTOL, ATOL = 1e-5, 1e-6
+MOMENTUM_RTOL = 1e-4
+# The 8-device runs save only at the end: checkpoint frequency does not change the
+# numbers (the resume tests show that), and an 8-device save takes seconds on 2 cores.
+EIGHT_DEVICES = ("--config.checkpoint.every=1000",)
 
 # `python -c KILLER <step> launch.py ...`: launch.py, SIGKILLed once checkpoint <step> is committed.
 KILLER = textwrap.dedent("""
@@ -90,8 +110,6 @@ KILLER = textwrap.dedent("""
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
 
-WALL_TIMES: dict[str, float] = {}
-
 
 @dataclasses.dataclass
 class Run:
@@ -102,18 +120,26 @@ class Run:
 def launch(workdir: Path, *overrides: str, devices: int = 1, kill_after_save: int | None = None) -> Run:
     """`launch.py` with CONFIG + `overrides` in a fresh process on `devices` CPU devices."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_compilation_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     prefix = [sys.executable] if kill_after_save is None else [sys.executable, "-c", KILLER, str(kill_after_save)]
     command = [*prefix, "launch.py", *CONFIG, *overrides, f"--workdir={workdir}"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu_seconds()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    label = f"{workdir.name}{'' if kill_after_save is None else f' (killed after {kill_after_save})'}"
-    WALL_TIMES[label] = time.perf_counter() - start
-    print(f"{label}: {WALL_TIMES[label]:.1f} s")
+    killed = "" if kill_after_save is None else f", killed after step {kill_after_save}"
+    print(f"{workdir.name} ({devices} device(s){killed}): {time.perf_counter() - start:.1f} s wall, "
+          f"{_children_cpu_seconds() - cpu_start:.1f} s CPU")
     run = Run(done.stdout + done.stderr, done.returncode)
     expected = 0 if kill_after_save is None else -signal.SIGKILL
     assert run.returncode == expected, f"exit {run.returncode}, expected {expected}:\n{run.output[-3000:]}"
     return run
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def saved_steps(workdir: Path) -> list[int]:
@@ -151,57 +177,84 @@ def max_abs_difference(actual: dict, expected: dict) -> tuple[float, str]:
     return max((float(np.max(np.abs(got[k] - want[k]), initial=0)), k) for k in want)
 
 
+def tolerance_used(actual: dict, expected: dict, rtol: float, atol: float,
+                   relative_to_max: bool = False) -> tuple[float, str]:
+    """Largest |a - b| / (atol + rtol |b|) over all entries (<= 1: allclose), and where.
+
+    `relative_to_max`: rtol times the tensor's largest |b| instead of each |b|.
+    """
+    got, want = leaves(actual), leaves(expected)
+    assert got.keys() == want.keys()
+    worst = (0.0, "")
+    for key, b in want.items():
+        if not b.size:
+            continue
+        scale = np.max(np.abs(b)) if relative_to_max else np.abs(b)
+        allowed = np.maximum(atol + rtol * scale, np.finfo(np.float32).tiny)  # 0 allowed: only equality passes
+        ratio = np.abs(got[key] - b) / allowed
+        worst = max(worst, (float(np.max(np.where(np.isnan(ratio), np.inf, ratio))), key))
+    return worst
+
+
 def assert_resumes_like(workdir: Path, reference: Path) -> None:
     """`workdir` ended where the uninterrupted `reference` run did: state, data position, eval."""
     assert_bitwise_equal(read_state(workdir), read_state(reference))
     assert read_data_state(workdir) == read_data_state(reference) == {"next_index": TOTAL}
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary == json.loads((reference / "summary.json").read_text())
+    evaluations = [{k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k.startswith("eval")}
+                   for run in (workdir, reference)]
+    assert evaluations[0] == evaluations[1] and "eval_accuracy" in evaluations[0]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def runs(tmp_path_factory) -> Path:
+    """The directory of this module's workdirs (and of their shared compilation cache)."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> Path:
     """The uninterrupted 1-device run every test compares against."""
-    workdir = tmp_path_factory.mktemp("runs") / "reference"
-    run = launch(workdir)
+    run = launch(runs / "reference")
     assert "on 1 cpu device(s)" in run.output
-    return workdir
+    return runs / "reference"
 
 
-def test_eight_devices_match_one_including_batchnorm_statistics(reference, tmp_path):
-    eight = launch(tmp_path / "eight_devices", devices=8)
+def test_eight_devices_match_one_including_batchnorm_statistics(runs, reference):
+    eight = launch(runs / "eight_devices", *EIGHT_DEVICES, devices=8)
     assert "on 8 cpu device(s)" in eight.output
-    one, many = read_state(reference), read_state(tmp_path / "eight_devices")
+    one, many = read_state(reference), read_state(runs / "eight_devices")
 
     # The comparison covers trainable BatchNorm: block 15's statistics moved during
     # the last N steps, a frozen block's did not.
     before = read_state(reference, TOTAL - N)["batch_stats"]["_blocks"]
-    assert not np.array_equal(before["15"]["_bn0"]["var"], one["batch_stats"]["_blocks"]["15"]["_bn0"]["var"])
-    assert np.array_equal(before["14"]["_bn0"]["var"], one["batch_stats"]["_blocks"]["14"]["_bn0"]["var"])
+    after = one["batch_stats"]["_blocks"]
+    assert not np.array_equal(before["15"]["_bn0"]["var"], after["15"]["_bn0"]["var"])
+    assert np.array_equal(before["14"]["_bn0"]["var"], after["14"]["_bn0"]["var"])
 
-    for collection in ("params", "batch_stats", "opt_state"):
-        got, want = leaves(many[collection]), leaves(one[collection])
-        for key in want:
-            np.testing.assert_allclose(got[key], want[key], rtol=RTOL, atol=ATOL, err_msg=f"{collection}{key}")
-    print("8 vs 1 device(s): max |difference| %.3g at %s" % max_abs_difference(many, one))
+    for collection, tolerance in [("params", dict(rtol=RTOL, atol=ATOL)),
+                                  ("batch_stats", dict(rtol=RTOL, atol=ATOL)),
+                                  ("opt_state", dict(rtol=MOMENTUM_RTOL, atol=0, relative_to_max=True))]:
+        used, where = tolerance_used(many[collection], one[collection], **tolerance)
+        print(f"8 vs 1 device(s), {collection}: max |difference| %.3g at %s; " % max_abs_difference(
+            many[collection], one[collection]) + f"{used:.3g} of the tolerance at {where}")
+        assert used <= 1, f"{collection}{where} differs by {used:.3g} times the tolerance"
     assert many["step"] == one["step"] == TOTAL
     np.testing.assert_array_equal(many["rng"], one["rng"])
+    assert read_data_state(runs / "eight_devices") == read_data_state(reference)
 
 
-def test_per_device_batchnorm_statistics_would_fail_the_comparison(reference, tmp_path):
+def test_per_device_batchnorm_statistics_would_fail_that_comparison(runs, reference):
     """What the test above rules out: torch-DDP-style BatchNorm over each device's 2 examples."""
-    launch(tmp_path / "per_device_bn", "--config.bn_cross_device=False", devices=8)
-    stats = read_state(tmp_path / "per_device_bn")["batch_stats"]
-    difference, where = max_abs_difference(stats, read_state(reference)["batch_stats"])
-    print(f"per-device BatchNorm vs 1 device: max |difference| {difference:.3g} at {where}")
-    assert "'15'" in where
-    with pytest.raises(AssertionError):
-        for key, want in leaves(read_state(reference)["batch_stats"]).items():
-            np.testing.assert_allclose(leaves(stats)[key], want, rtol=RTOL, atol=ATOL)
+    launch(runs / "per_device_bn", *EIGHT_DEVICES, "--config.bn_cross_device=False", devices=8)
+    per_device, one = read_state(runs / "per_device_bn"), read_state(reference)
+    used, where = tolerance_used(per_device["batch_stats"], one["batch_stats"], RTOL, ATOL)
+    print(f"per-device BatchNorm vs 1 device: batch_stats {used:.3g}x the tolerance at {where}; "
+          "max |difference| %.3g at %s" % max_abs_difference(per_device, one))
+    assert where.startswith("['_blocks']['15']") and used > 1000
 
 
-def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_an_uninterrupted_run(reference, tmp_path):
-    workdir = tmp_path / "killed"
+def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_an_uninterrupted_run(runs, reference):
+    workdir = runs / "killed_after_N"
     launch(workdir, kill_after_save=N)
     assert saved_steps(workdir) == [N]
     resumed = launch(workdir)
@@ -209,8 +262,8 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_an_uninterrupted_run(
     assert_resumes_like(workdir, reference)
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
-    workdir = tmp_path / "truncated"
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(runs, reference):
+    workdir = runs / "truncated_2N"
     launch(workdir, kill_after_save=2 * N)
     assert saved_steps(workdir) == [N, 2 * N]
     # Cut the largest array-data file of step 2N in half, as a full disk or a torn copy would.
@@ -221,6 +274,9 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference, t
     largest.write_bytes(data[: len(data) // 2])
 
     resumed = launch(workdir)
-    assert f"checkpoint step {2 * N} in" in resumed.output and "unreadable" in resumed.output
+    warning = next(line for line in resumed.output.splitlines() if "unreadable" in line)
+    print(warning[-300:])
+    assert f"checkpoint step {2 * N} in" in warning
     assert f"resumed from step {N} " in resumed.output
+    assert saved_steps(workdir) == [2 * N, TOTAL]  # step 2N deleted, then written again
     assert_resumes_like(workdir, reference)

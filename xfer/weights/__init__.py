@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from flax import traverse_util
 
 from xfer.models import resnet as _resnet_model
 from xfer.models import vgg as _vgg_model
@@ -28,7 +30,7 @@ from xfer.weights.convert import Entry, PortReport, WeightMap, WeightMismatchErr
 from xfer.weights.torch_pickle import CheckpointFormatError, UnsafeCheckpointError, load_pth
 
 __all__ = ["CheckpointFormatError", "PortReport", "UnsafeCheckpointError", "WeightMismatchError",
-           "load", "port_same_names", "read", "weight_map"]
+           "initialise_new", "load", "port_same_names", "read", "weight_map"]
 
 _WEIGHT_MAPS = {
     **{n: functools.partial(_vgg.weight_map, n) for n in _vgg_model.CONFIGS},
@@ -79,3 +81,18 @@ def port_same_names(source: Mapping[str, np.ndarray], model_name: str, variables
     identity = WeightMap(tuple(Entry(path, path, "copy", copy) for path in source),
                          head=weight_map(model_name).head)
     return port(source, identity, variables, model_name)
+
+
+def initialise_new(init: Callable[[], dict], ported: Mapping, new_paths: Sequence[str]) -> dict:
+    """`ported` (ported into `jax.eval_shape(init)`) with real values from `init()` at `new_paths`.
+
+    Porting needs only shapes; the new head alone needs random values.
+    Jitting an init that returns just those lets XLA drop the rest of the
+    network's initialisation (measured on 2 CPU cores: 0.8 s instead of
+    15 s for vgg11).
+    """
+    flat = traverse_util.flatten_dict(dict(ported), sep="/")
+    if new_paths:
+        flat.update(jax.jit(lambda: {p: v for p, v in traverse_util.flatten_dict(init(), sep="/").items()
+                                     if p in new_paths})())
+    return traverse_util.unflatten_dict(flat, sep="/")

@@ -28,7 +28,7 @@ from flax import traverse_util
 
 from xfer import models
 from xfer.weights import (CheckpointFormatError, PortReport, UnsafeCheckpointError, WeightMismatchError,
-                          load, read, sources)
+                          initialise_new, load, read, sources)
 from xfer.weights.convert import format_shape
 
 # What bad input raises; anything else is a bug and keeps its traceback.
@@ -116,16 +116,7 @@ def _ported_variables(source: str, model_name: str, num_classes: int = 1000) -> 
     size = models.info(model_name).input_size  # ViT's variables depend on it; the rest accept any size
     init = functools.partial(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
     variables, report = load(source, model_name, jax.eval_shape(init))
-    if report.new_head:
-        flat = traverse_util.flatten_dict(variables, sep="/")
-        flat.update(jax.jit(lambda: _pick(init(), report.new_head))())
-        variables = traverse_util.unflatten_dict(flat, sep="/")
-    return variables, report
-
-
-def _pick(variables: dict, paths: tuple[str, ...]) -> dict:
-    flat = traverse_util.flatten_dict(variables, sep="/")
-    return {p: flat[p] for p in paths}
+    return initialise_new(init, variables, report.new_head), report
 
 
 def _write_atomically(out: Path, write) -> None:
