@@ -36,6 +36,9 @@ def get_config():
     config.optim = ml_collections.ConfigDict({
         "head": optim.group_config(optimizer="adam", lr=1e-2, schedule="cosine"),
     })
+    # Cache the output of a frozen prefix (a module path, or "auto" for the deepest valid one) and
+    # train the rest from it; needs data.augment="none". "" trains on images (xfer/feature_cache.py).
+    config.feature_cache = "auto"  # the frozen backbone runs once per image, not once per epoch
     config.batch_size = 64
     config.num_epochs = 8
     config.total_steps = 0  # > 0 overrides num_epochs

@@ -40,6 +40,9 @@ def get_config(arg: str = ""):
     config.optim = ml_collections.ConfigDict({
         "classifier": optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9),
     })
+    # Cache the output of a frozen prefix (a module path, or "auto" for the deepest valid one) and
+    # train the rest from it; needs data.augment="none". "" trains on images (xfer/feature_cache.py).
+    config.feature_cache = ""
     config.batch_size = 64
     config.num_epochs = 3
     config.total_steps = 0  # > 0 overrides num_epochs

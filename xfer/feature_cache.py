@@ -143,16 +143,20 @@ def _owns_only_frozen(labels) -> dict[str, bool]:
 
 
 def make_feature_step(model, cut: str, mesh):
-    """`features(params, batch_stats, images) -> cut output`, inference mode, replicated to every process."""
-    def features(params, batch_stats, images):
+    """`features(params, batch_stats, batch) -> (cut output, label, index, mask)`, inference mode.
+
+    Replicated, so every process gets every row of the global batch (each
+    process keeps the whole cache); the batch's own columns come along for that.
+    """
+    def features(params, batch_stats, batch):
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-        _, state = model.apply(variables, images, train=False,
+        _, state = model.apply(variables, batch["image"], train=False,
                                capture_intermediates=lambda m, method: method == "__call__"
                                and "/".join(m.path) == cut)
         node = state["intermediates"]
         for part in cut.split("/"):
             node = node[part]
-        return node["__call__"][0]
+        return node["__call__"][0], batch["label"], batch["index"], batch["mask"]
 
     return jax.jit(features, out_shardings=NamedSharding(mesh, P()))
 
@@ -164,9 +168,8 @@ def compute(feature_step, params, batch_stats, batches, count: int, mesh) -> tup
     features = labels = None
     filled = 0
     for batch in batches:
-        batch = step_lib.global_batch(batch, mesh)
-        out = np.asarray(jax.device_get(feature_step(params, batch_stats, batch["image"])))
-        mask, index, label = (np.asarray(jax.device_get(batch[k])) for k in ("mask", "index", "label"))
+        global_batch = step_lib.global_batch(batch, mesh)
+        out, label, index, mask = jax.device_get(feature_step(params, batch_stats, global_batch))
         if features is None:
             features = np.zeros((count,) + out.shape[1:], out.dtype)
             labels = np.zeros((count,), np.int32)

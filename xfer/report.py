@@ -7,11 +7,14 @@ TensorBoard events go through tensorboardX, which needs no TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
+
+import jax
 
 log = logging.getLogger("xfer")
 
@@ -27,6 +30,41 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+class StepClock:
+    """Mean seconds per train step in steady state, the cost an ablation table compares.
+
+    Timing starts after the first (compiling) step, and evaluation and
+    checkpointing are left out (`paused`), so masks compare on what a training
+    step costs. Steps are dispatched asynchronously: `paused` and
+    `seconds_per_step` first wait for the state, so pending steps are charged
+    to training.
+    """
+
+    def __init__(self):
+        self._start_time, self._start_step, self._paused_seconds = None, None, 0.0
+
+    def start(self, step: int) -> None:
+        """Called once `step`, the first of this process, has finished."""
+        self._start_time, self._start_step = time.perf_counter(), step
+
+    @contextlib.contextmanager
+    def paused(self, state):
+        jax.block_until_ready(state)
+        paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_seconds += time.perf_counter() - paused_at
+
+    def seconds_per_step(self, state, last_step: int) -> float | None:
+        """None when fewer than two steps ran in this process (nothing after the compiling one)."""
+        if self._start_step is None or last_step <= self._start_step:
+            return None
+        jax.block_until_ready(state)
+        elapsed = time.perf_counter() - self._start_time - self._paused_seconds
+        return elapsed / (last_step - self._start_step)
 
 
 class Reporter:

@@ -46,7 +46,9 @@ def create_state(variables, tx: optax.GradientTransformation, seed: int) -> Trai
 
 
 def data_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))
+    """Every device along 'data', grouped by process in process order: `global_batch` then puts
+    process p's block of the batch after those of processes < p, as xfer.data.pipeline expects."""
+    return Mesh(np.asarray(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ("data",))
 
 
 def replicate(tree, mesh: Mesh):

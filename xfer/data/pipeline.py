@@ -2,10 +2,13 @@
 
 Train: one global stream `shuffle(seed) -> repeat forever -> augment`, in which epoch e is a
 fresh permutation (grain folds e into the shuffle seed) and the augmentation of position i is
-seeded by (seed, i). Process p of P takes positions p, p+P, p+2P, ... and batches them, so at
-every step the P local batches are disjoint and together are exactly the global batch a
-single-process run would see. Everything is indexed by position, so the iterator's state is one
-integer (`{"next_index": n}`) and a restored iterator continues exactly where it stopped.
+seeded by (seed, i). Global batch k is positions kB .. kB+B-1; process p of P reads only its
+block of b = B/P of them, kB+pb .. kB+pb+b-1. `xfer.step.global_batch` puts the blocks in
+process order, so the global batch holds exactly what a single process's batch holds, row for
+row, and a run computes the same whatever its process count (dropout masks and BatchNorm
+groups follow the rows). Everything is indexed by position, so the iterator's state is one
+integer (`{"next_index": k}`, global batches read): the same on every process and for every
+process count, so a checkpoint written by P processes resumes on any other number.
 
 Batches are formed before the iterator (on the MapDataset), which makes each batch a single
 element to grain: threads and worker processes fetch whole batches, and the batches are the same
@@ -13,7 +16,7 @@ whatever `num_threads` / `num_workers` are.
 
 Eval: the split in its stored order, padded with masked blank examples to a whole number of global
 batches, so every process yields the same number of batches (as collectives require) and every
-example counts once.
+example counts once; processes read blocks of each global batch as in training.
 """
 
 from __future__ import annotations
@@ -35,8 +38,7 @@ def train_batches(records: Sequence[dict[str, Any]], augment: CropFlip | Prepare
         stream = stream.random_map(augment)
     else:
         stream = stream.map(augment)
-    batches = (stream[process_index::process_count]
-               .batch(batch_size, drop_remainder=True).map(normalise))
+    batches = stream.batch(batch_size, drop_remainder=True)[process_index::process_count].map(normalise)
     return iter(_prefetched(batches, num_threads, num_workers))
 
 
@@ -47,9 +49,9 @@ def eval_batches(records: Sequence[dict[str, Any]], prepare: grain.transforms.Ma
     and the int32 "index" of every example in `records` (padding repeats index 0)."""
     global_batch = batch_size * process_count
     padded_length = -(-len(records) // global_batch) * global_batch
-    examples = (grain.MapDataset.range(padded_length)[process_index::process_count]
-                .map(_PaddedLookup(records, prepare)))
-    return _prefetched(examples.batch(batch_size).map(normalise), num_threads, num_workers)
+    examples = grain.MapDataset.range(padded_length).map(_PaddedLookup(records, prepare))
+    blocks = examples.batch(batch_size)[process_index::process_count]  # lazy: only this process's are read
+    return _prefetched(blocks.map(normalise), num_threads, num_workers)
 
 
 class _PaddedLookup(grain.transforms.Map):

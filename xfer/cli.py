@@ -1,0 +1,51 @@
+"""What launch.py and `python -m xfer.sweep` share: bad input ends in one `error:` line.
+
+Kept free of JAX imports, so `--help` and flag errors stay instant.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+from absl import flags
+
+# Errors that mean "bad input", reported as one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, pickle.UnpicklingError)
+
+
+def flags_parser(config_flag: flags.FlagHolder):
+    """absl's flag parsing for `app.run(..., flags_parser=...)`, but any bad flag is one `error:`
+    line and exit code 2.
+
+    absl reports its own flag errors in two lines, and an override of a key the
+    config lacks (`--config.batch_sise=8`) escapes it as a KeyError or
+    AttributeError from ml_collections, with pages of traceback.
+    """
+
+    def parse(argv):
+        try:
+            argv = flags.FLAGS(argv)
+            config_flag.value.keys()  # a config file that failed to load raises only when first used
+            return argv
+        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+            print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+            sys.exit(2)
+
+    return parse
+
+
+def _flag_error(error: BaseException, argv) -> str:
+    if isinstance(error, (KeyError, AttributeError)):
+        # ml_collections: KeyError("'key'\nDid you mean ...?"), sometimes wrapped in an AttributeError.
+        while error.args and isinstance(error.args[0], BaseException):
+            error = error.args[0]
+        key, _, hint = (str(error.args[0]) if error.args else str(error)).partition("\n")
+        key = key.strip("'\"")
+        overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+        flag = next((o for o in overrides if key in o[len("--config."):].split(".")), "--config")
+        return f"{flag}: the config has no field {key!r}" + (f"; {hint[:1].lower()}{hint[1:]}" if hint else "")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:  # get_config raised: keep what and where it said
+        lines = lines[:lines.index("Traceback (most recent call last):")] + lines[-1:]
+    return " ".join(lines)
