@@ -11,7 +11,9 @@ import sys
 from absl import flags
 
 # Errors that mean "bad input", reported as one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, pickle.UnpicklingError)
+# An OSError here is bad input too: an offline download (xfer.weights.sources.DownloadError), a
+# missing or unreadable file; its message names the file and the fix.
+USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
 
 
 def flags_parser(config_flag: flags.FlagHolder):

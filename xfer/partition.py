@@ -205,6 +205,11 @@ def _format_rows(header: tuple[str, ...], rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def optimizer_state_bytes(opt_state) -> int:
+    """Bytes of every optimizer-state leaf: the memory a mask's optimizer costs, frozen groups none."""
+    return sum(_nbytes(leaf) for leaf in jax.tree.leaves(opt_state))
+
+
 def count_trainable(params, labels_tree) -> int:
     """Parameters outside the frozen group: the number ablation tables compare."""
     return sum(int(np.size(leaf)) for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels_tree))

@@ -32,23 +32,31 @@ class ModelInfo:
     input_size: int  # the resolution its ImageNet weights were trained at
     mean: tuple[float, float, float]  # in units of pixels scaled to [0, 1]
     std: tuple[float, float, float]
+    # For freeze presets (xfer.presets): regexes over parameter paths of the classification head and
+    # of the blocks in forward order; together they take every parameter exactly once. A model
+    # without them takes only explicit partition rules.
+    head: str | None = None
+    blocks: tuple[str, ...] = ()
 
 
 def _vgg_info(name: str, batch_norm: bool) -> ModelInfo:
     make = functools.partial(vgg.VGG, vgg.CONFIGS[name[:5]], batch_norm)
     return ModelInfo(name, lambda num_classes=1000, **kw: make(num_classes=num_classes, **kw),
-                     224, IMAGENET_MEAN, IMAGENET_STD)
+                     224, IMAGENET_MEAN, IMAGENET_STD,
+                     head=vgg.HEAD, blocks=vgg.blocks(vgg.CONFIGS[name[:5]], batch_norm))
 
 
 MODELS: dict[str, ModelInfo] = {
     **{n: _vgg_info(n, False) for n in vgg.CONFIGS},
     **{f"{n}_bn": _vgg_info(f"{n}_bn", True) for n in vgg.CONFIGS},
     "efficientnet_lite0": ModelInfo("efficientnet_lite0", efficientnet_lite.EfficientNetLite, 224,
-                                    LITE_MEAN, LITE_STD),
-    **{n: ModelInfo(n, functools.partial(resnet.ResNet, *resnet.CONFIGS[n]), 224, IMAGENET_MEAN, IMAGENET_STD)
-       for n in resnet.CONFIGS},
+                                    LITE_MEAN, LITE_STD,
+                                    head=efficientnet_lite.HEAD, blocks=efficientnet_lite.blocks()),
+    **{n: ModelInfo(n, functools.partial(resnet.ResNet, *resnet.CONFIGS[n]), 224, IMAGENET_MEAN, IMAGENET_STD,
+                    head=resnet.HEAD, blocks=resnet.blocks()) for n in resnet.CONFIGS},
     **{n: ModelInfo(n, functools.partial(vit.VisionTransformer, **vit.CONFIGS[n]), 224, IMAGENET_MEAN,
-                    IMAGENET_STD) for n in vit.CONFIGS},
+                    IMAGENET_STD, head=vit.HEAD, blocks=vit.blocks(vit.CONFIGS[n]["num_layers"]))
+       for n in vit.CONFIGS},
 }
 
 

@@ -39,6 +39,21 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")  # U(±1/sqrt(out))
 
 
+# For freeze presets (xfer.presets). Blocks are counted in stages, as ResNet's `layer<k>` and
+# VGG's conv stages are: the stem, the seven stages of `_blocks` (a resolution or width each), the
+# 1x1 head conv. A stage of 1 to 4 MBConv blocks is the unit a "train the last k" ablation moves by.
+HEAD = "^_fc/"
+
+
+def blocks() -> tuple[str, ...]:
+    """Regexes of the blocks in forward order: stem, the stages of `_blocks`, head conv."""
+    stages, first = [], 0
+    for repeats, *_ in STAGES:
+        stages.append(f"^_blocks/(?:{'|'.join(str(i) for i in range(first, first + repeats))})/")
+        first += repeats
+    return ("^(?:_conv_stem|_bn0)/", *stages, "^(?:_conv_head|_bn1)/")
+
+
 class BlockConfig(NamedTuple):
     in_channels: int
     out_channels: int

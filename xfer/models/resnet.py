@@ -32,6 +32,15 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+# For freeze presets (xfer.presets).
+HEAD = "^fc/"
+
+
+def blocks() -> tuple[str, ...]:
+    """Regexes of the blocks in forward order: the stem, then the stages `layer1`..`layer4`."""
+    return ("^(?:conv1|bn1)/", *(f"^layer{index}/" for index in range(1, len(STAGE_PLANES) + 1)))
+
+
 def _dense_bias_init(fan_in: int):
     bound = 1 / math.sqrt(fan_in)
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)

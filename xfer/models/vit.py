@@ -31,6 +31,17 @@ CONFIGS = {
     "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
 }
 
+# For freeze presets (xfer.presets): the classification head.
+HEAD = "^heads/"
+
+
+def blocks(num_layers: int) -> tuple[str, ...]:
+    """Regexes of the blocks in forward order: the patch and position embedding, each encoder
+    layer, the final LayerNorm."""
+    return ("^(?:conv_proj/|class_token$|encoder/pos_embedding$)",
+            *(f"^encoder/layers/encoder_layer_{index}/" for index in range(num_layers)), "^encoder/ln/")
+
+
 # torchvision's initialisation, so a `scratch` baseline starts where torch's would.
 # conv_proj: trunc_normal(std=sqrt(1/fan_in)) truncated at +-2 absolute, i.e. ~50 std: a plain normal.
 patch_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")

@@ -1,0 +1,137 @@
+"""Freeze presets select the right parameters in every model family, and refuse what does not fit.
+
+Parameter trees come from `jax.eval_shape` of `model.init` (shapes only, no compile), so every
+registered model can be checked in seconds. Each expectation is written independently of
+xfer/presets.py, as a regex over torchvision-style paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from xfer import models, optim, partition, presets
+from xfer.partition import PartitionError
+
+SIZES = {"vit_b_16": 224}  # ViT's position embedding fixes its input size; the rest take 32 px
+
+
+@functools.lru_cache(maxsize=None)
+def param_shapes(model_name: str):
+    size = SIZES.get(model_name, 32)
+    model = models.build(model_name, num_classes=10)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+
+
+def paths(model_name: str) -> list[str]:
+    return [partition.path_str(key_path)
+            for key_path, _ in jax.tree_util.tree_flatten_with_path(param_shapes(model_name))[0]]
+
+
+def trainable(model_name: str, preset: str) -> set[str]:
+    rules, _ = presets.resolve(preset, model_name, param_shapes(model_name))
+    labels = partition.labels(param_shapes(model_name), rules)
+    return {path for path, group in zip(paths(model_name), jax.tree.leaves(labels)) if group != partition.FROZEN}
+
+
+def matching(model_name: str, regex: str) -> set[str]:
+    return {path for path in paths(model_name) if re.search(regex, path)}
+
+
+# (model, head, norm layers' scale and bias, the last block, the last three blocks)
+FAMILIES = {
+    "vgg16": (r"^classifier/6/", None, r"^classifier/3/", r"^classifier/(0|3)/|^features/(24|26|28)/"),
+    "efficientnet_lite0": (r"^_fc/", r"_bn[012]/(scale|bias)$", r"^(_conv_head|_bn1)/",
+                           r"^(_conv_head|_bn1)/|^_blocks/(11|12|13|14|15)/"),
+    "resnet50": (r"^fc/", r"(bn[123]|downsample/1)/(scale|bias)$", r"^layer4/", r"^layer[234]/"),
+    "vit_b_16": (r"^heads/", r"(ln|ln_1|ln_2)/(scale|bias)$", r"^encoder/ln/",
+                 r"^encoder/ln/|^encoder/layers/encoder_layer_(10|11)/"),
+}
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+def test_presets_select_the_right_parameters(model_name):
+    head, norms, last_block, last_three = FAMILIES[model_name]
+    everything = set(paths(model_name))
+    assert trainable(model_name, "linear_probe") == matching(model_name, head)
+    assert trainable(model_name, "last_k:1") == matching(model_name, f"{head}|{last_block}")
+    assert trainable(model_name, "last_k:3") == matching(model_name, f"{head}|{last_three}")
+    assert trainable(model_name, "full") == everything
+    assert trainable(model_name, "scratch") == everything
+    assert trainable(model_name, "bias_only") == matching(model_name, f"{head}|/bias$")
+    if norms:  # BatchNorm (Lite0, ResNet) and LayerNorm (ViT), found from their parameters
+        assert trainable(model_name, "norm_only") == matching(model_name, f"{head}|{norms}")
+        assert matching(model_name, norms)
+    else:
+        with pytest.raises(PartitionError, match="norm_only' finds no normalisation layer in vgg16"):
+            presets.resolve("norm_only", model_name, param_shapes(model_name))
+
+
+@pytest.mark.parametrize("model_name, blocks", [("vgg16", 7), ("vgg11_bn", 7), ("efficientnet_lite0", 9),
+                                                ("resnet18", 5), ("resnet50", 5), ("vit_b_16", 14)])
+def test_last_k_counts_blocks_up_to_all_of_them(model_name, blocks):
+    assert len(models.info(model_name).blocks) == blocks
+    assert trainable(model_name, f"last_k:{blocks}") == set(paths(model_name))
+    assert trainable(model_name, f"last_k:{blocks - 1}") < set(paths(model_name))
+
+
+@pytest.mark.parametrize("model_name", sorted(models.MODELS))
+def test_every_registered_model_has_head_and_blocks_taking_each_parameter_once(model_name):
+    info = models.info(model_name)
+    regexes = [info.head, *info.blocks]
+    for path in paths(model_name):
+        assert sum(bool(re.search(regex, path)) for regex in regexes) == 1, path
+    for regex in regexes:
+        assert matching(model_name, regex), regex
+
+
+def test_scratch_overrides_init_and_the_rest_keep_it():
+    shapes = param_shapes("resnet18")
+    assert presets.resolve("scratch", "resnet18", shapes)[1] == "scratch"
+    assert presets.resolve("full", "resnet18", shapes)[1] is None
+    rules = (("^fc/", "head"), (".*", "frozen"))
+    assert presets.resolve(rules, "resnet18", shapes) == (rules, None)
+
+
+def test_a_preset_given_as_a_command_line_override_of_a_rules_field_counts():
+    # `--config.partition=last_k:2` on a config whose partition holds rules arrives as a 1-tuple.
+    assert presets.parse(("last_k:2",)) == presets.Preset("last_k", 2)
+    assert presets.parse(("^fc/:head",)) is None
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("linear", r"unknown partition preset 'linear'; the presets are linear_probe, last_k:K, full, "
+               r"bias_only, norm_only, scratch"),
+    ("last_k:x", r"'last_k:x' needs a whole number of blocks: write last_k:K"),
+    ("last_k", r"'last_k' needs a whole number of blocks"),
+    ("last_k:0", r"'last_k:0' is out of range: resnet18 has 5 blocks .* K must be in 1\.\.5"),
+    ("last_k:6", r"'last_k:6' is out of range: resnet18 has 5 blocks"),
+])
+def test_bad_presets_are_one_line_errors_naming_the_choices(setting, message):
+    for check in (lambda: presets.check(setting, "resnet18"),
+                  lambda: presets.resolve(setting, "resnet18", param_shapes("resnet18"))):
+        with pytest.raises(PartitionError, match=message) as error:
+            check()
+        assert "\n" not in str(error.value)
+
+
+def test_presets_drop_unused_optimizer_specs_explicit_rules_do_not():
+    config = ml_collections.ConfigDict({
+        "head": optim.group_config(optimizer="adam", lr=1e-2),
+        "backbone": optim.group_config(optimizer="adam", lr=1e-3),
+    })
+    shapes = param_shapes("resnet18")
+    rules, _ = presets.resolve("linear_probe", "resnet18", shapes)
+    labels = partition.labels(shapes, rules)
+    assert list(presets.optim_specs(config, "linear_probe", labels)) == ["head"]
+    optim.build(presets.optim_specs(config, "linear_probe", labels), labels, total_steps=10)
+    explicit = (("^fc/", "head"), (".*", "frozen"))
+    assert presets.optim_specs(config, explicit, labels) is config
+    with pytest.raises(optim.OptimConfigError, match="config.optim.backbone is used by no partition rule"):
+        optim.build(presets.optim_specs(config, explicit, labels), labels, total_steps=10)

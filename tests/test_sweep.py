@@ -1,0 +1,170 @@
+"""The ablation sweep: the grid, its checks, printed commands that launch.py loads, and a real
+tiny sweep that is killed, rerun, and finishes without redoing a finished run.
+
+The real sweep is Lite0 on digits at 32 px, 2 presets x 1 seed, 3 steps a run, through the
+command line (`python -m xfer.sweep`) in subprocesses that share a JAX compilation cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from xfer import sweep, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/ablate_freeze.py"
+TINY = ("--config.total_steps=3", "--config.batch_size=16", "--config.log_every=1",
+        "--config.optim.backbone.warmup_steps=0", "--config.sweep.partition=('linear_probe', 'last_k:1')",
+        "--config.sweep.seed=(0,)")
+RUNS = ("partition=linear_probe,seed=0", "partition=last_k-1,seed=0")
+
+
+def ablate_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = runpy.run_path(str(REPO / CONFIG))["get_config"](arg)
+    config.lock()  # as the command line loads it: a misspelt field is an error
+    return config
+
+
+def sweep_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xfer.sweep", f"--config={CONFIG}", *args]
+
+
+def test_grid_is_the_product_in_sorted_field_order_with_named_workdirs():
+    config = ablate_config()
+    with config.unlocked():
+        config.sweep = ml_collections.ConfigDict({"partition": ("full", "last_k:2"), "seed": (0, 1),
+                                                  "optim": {"head": {"lr": (1e-3,)}}})
+    runs = sweep.grid(config)
+    assert [run.name for run in runs] == [
+        "optim.head.lr=0.001,partition=full,seed=0", "optim.head.lr=0.001,partition=full,seed=1",
+        "optim.head.lr=0.001,partition=last_k-2,seed=0", "optim.head.lr=0.001,partition=last_k-2,seed=1"]
+    assert (runs[3].config.partition, runs[3].config.seed, runs[3].config.optim.head.lr) == ("last_k:2", 1, 1e-3)
+    assert config.partition == "linear_probe"  # the sweep's own config is left as it was
+
+
+@pytest.mark.parametrize("arg, model, runs", [
+    ("", "efficientnet_lite0", 14),
+    ("model=resnet50,data=cifar10", "resnet50", 14),
+    ("model=vgg16,data=folder:/data/x,res=64", "vgg16", 12),  # no norm_only: VGG16 has no BatchNorm
+])
+def test_ablate_config_arguments_give_grids_whose_presets_fit_the_model(arg, model, runs, tmp_path):
+    grid = sweep.grid(ablate_config(arg))
+    sweep.check(grid, tmp_path)
+    assert len(grid) == runs and grid[0].config.model.name == model
+    with pytest.raises(ValueError, match=r"bad argument 'modle=vgg16'; write key=value with key one of model"):
+        ablate_config("modle=vgg16")
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"optim": {"head": {"lrr": (1e-3,)}}}, r"config.sweep.optim.head.lrr: the config has no field optim.head.lrr"),
+    ({"seed": ("one",)}, r"config.sweep.seed: value 'one' is of type str, config.seed of type int; "
+                         r"give values of its type"),
+    ({"seed": 1}, r"config.sweep.seed is 1; give a non-empty tuple"),
+    ({}, r"config.sweep is empty"),
+])
+def test_bad_grids_are_one_line_errors_before_anything_runs(grid, message):
+    config = ablate_config()
+    with config.unlocked():
+        config.sweep = ml_collections.ConfigDict(grid)
+    with pytest.raises(sweep.SweepError, match=message) as error:
+        sweep.grid(config)
+    assert "\n" not in str(error.value)
+
+
+def test_printed_commands_load_in_launch_py_as_the_runs_the_sweep_would_run(tmp_path, monkeypatch):
+    args = ("--config.total_steps=7", "--config.seed", "5", "--config.sweep.seed=(0, 1)",
+            "--config.sweep.partition=('full', 'last_k:2')")
+    result = subprocess.run([*sweep_command(*args), f"--workdir={tmp_path}", "--print_commands"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.strip().splitlines()
+    config = ablate_config()
+    with config.unlocked():
+        config.total_steps = 7
+        config.sweep = ml_collections.ConfigDict({"partition": ("full", "last_k:2"), "seed": (0, 1)})
+    runs = sweep.grid(config)
+    assert len(printed) == len(runs) == 4
+    assert not list(tmp_path.iterdir())  # printing runs nothing
+    monkeypatch.chdir(REPO)
+    for command, run in zip(printed, runs):
+        argv = shlex.split(command)
+        assert argv[:2] == ["python", "launch.py"]
+        launched, workdir = launch_py_flags(argv[1:])
+        assert train.config_as_json(launched) == train.config_as_json(run.config)
+        assert workdir == str(tmp_path / run.name)
+
+
+def launch_py_flags(argv: list[str]):
+    """The config and workdir that `argv` gives launch.py, through flags defined as launch.py defines them."""
+    flag_values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                             sys_argv=argv)
+    workdir = flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+    flag_values(argv)
+    return config.value, workdir.value
+
+
+def test_unknown_preset_fails_before_any_run_or_directory(tmp_path):
+    workdir = tmp_path / "sweep"
+    result = subprocess.run([*sweep_command("--config.sweep.partition=('full', 'linaer_probe')"),
+                             f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: run partition=linaer_probe,seed=0: unknown partition preset 'linaer_probe'; the presets are "
+        "linear_probe, last_k:K, full, bias_only, norm_only, scratch (xfer/presets.py), or give (regex, group) rules")
+    assert "sweep run" not in result.stderr
+    assert not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_killed_sweep_reruns_only_what_is_missing_and_writes_the_results(tmp_path, env):
+    workdir = tmp_path / "sweep"
+    first_summary = workdir / RUNS[0] / "summary.json"
+    killed = subprocess.Popen([*sweep_command(*TINY), f"--workdir={workdir}"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    while not first_summary.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed_log = killed.communicate()[1]
+    assert first_summary.exists(), killed_log[-3000:]
+    assert not (workdir / RUNS[1] / "summary.json").exists()
+    finished = {path: path.stat().st_mtime_ns for path in (workdir / RUNS[0]).rglob("*") if path.is_file()}
+
+    rerun = subprocess.run([*sweep_command(*TINY), f"--workdir={workdir}"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"sweep run 1/2 {RUNS[0]}: finished, skipped" in rerun.stderr
+    assert f"sweep run 2/2 {RUNS[1]}\n" in rerun.stderr
+    assert {path: path.stat().st_mtime_ns for path in (workdir / RUNS[0]).rglob("*") if path.is_file()} == finished
+
+    with open(workdir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["partition"], row["seed"]) for row in rows] == [("linear_probe", "0"), ("last_k:1", "0")]
+    assert list(rows[0]) == ["partition", "seed", "eval_accuracy", "eval_top5", "trainable_parameters",
+                             "optimizer_state_bytes", "seconds_per_step", "wall_seconds"]
+    assert [int(row["trainable_parameters"]) for row in rows] == [12_810, 424_970]  # head; + 1x1 head conv, BN
+    assert all(0 <= float(row["eval_accuracy"]) <= 1 and float(row["seconds_per_step"]) > 0 for row in rows)
+    assert int(rows[0]["optimizer_state_bytes"]) < int(rows[1]["optimizer_state_bytes"])
+    table = (workdir / "results.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table if line.startswith("| ")] == [
+        "| partition", "| linear_probe", "| last_k:1"]
+    assert (workdir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

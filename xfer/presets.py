@@ -1,0 +1,185 @@
+"""Freeze masks by name: "which layers should I train?" as one word in a config.
+
+    config.partition = "last_k:2"     # instead of (regex, group) rules
+
+A preset is expanded against the model's parameters into ordinary `xfer.partition`
+rules, so the group table, the coverage checks and "frozen means free" apply
+unchanged. It makes up to three groups: `head` (the classifier, the model's
+`ModelInfo.head`), `backbone` (everything else the preset trains) and `frozen`.
+A config written for presets carries optimizer specs for `head` and `backbone`;
+for a preset, the trainer drops the spec of a group it leaves empty
+(`optim_specs`), so one config serves every preset of an ablation.
+
+  linear_probe   the head only
+  last_k:K       the last K blocks (`ModelInfo.blocks`: VGG's conv stages and hidden
+                 Linears, Lite0's stem / 7 stages / head conv, ResNet's stem and
+                 layer1..4, ViT's embedding / encoder layers / final LayerNorm) and the head
+  full           everything, from config.init
+  bias_only      BitFit: every bias, and the head
+  norm_only      scale and bias of every normalisation layer, and the head
+  scratch        everything, from random initialisation (it sets init to "scratch"):
+                 the baseline every pretrained mask has to beat
+
+Normalisation layers (BatchNorm, LayerNorm) are found from the parameters, as the
+modules whose parameters are exactly `scale` and `bias`, so a new model family
+needs no list of them. A preset changes only which parameters learn: BatchNorm
+layers follow `config.bn_policy` as with explicit rules (by default a layer with
+trainable scale and bias trains on batch statistics).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+
+from xfer import models
+from xfer.partition import FROZEN, PartitionError, path_str
+
+log = logging.getLogger("xfer")
+
+HEAD, BACKBONE = "head", "backbone"
+LAST_K = "last_k"
+NAMES = ("linear_probe", f"{LAST_K}:K", "full", "bias_only", "norm_only", "scratch")
+_FIXED = {"linear_probe", "full", "bias_only", "norm_only", "scratch"}
+_NORM_PARAMS = {"scale", "bias"}
+
+
+class Preset(NamedTuple):
+    name: str  # one of NAMES without ":K"
+    k: int | None  # last_k's K; None for the others
+
+
+def parse(setting) -> Preset | None:
+    """The preset `setting` names, or None for explicit (regex, group) rules.
+
+    A one-element sequence holding a preset name counts too: that is what
+    `--config.partition=full` makes of a config whose partition field holds rules.
+    """
+    if not isinstance(setting, str):
+        if not (isinstance(setting, Sequence) and len(setting) == 1 and isinstance(setting[0], str)
+                and (setting[0] in _FIXED or setting[0].startswith(f"{LAST_K}:"))):
+            return None
+        setting = setting[0]
+    if setting in _FIXED:
+        return Preset(setting, None)
+    name, separator, k = setting.partition(":")
+    if name != LAST_K:
+        raise PartitionError(f"unknown partition preset {setting!r}; the presets are {', '.join(NAMES)} "
+                             "(xfer/presets.py), or give (regex, group) rules")
+    if not separator or not re.fullmatch(r"[0-9]+", k):
+        raise PartitionError(f"partition preset {setting!r} needs a whole number of blocks: write "
+                             f"{LAST_K}:K, e.g. {LAST_K}:2")
+    return Preset(LAST_K, int(k))
+
+
+def check(setting, model_name: str) -> None:
+    """Rejects a preset name or K the model cannot take, without building it: the sweep checks its grid
+    with this. A preset that selects nothing (norm_only on VGG16) is found by `resolve`, at the run's start."""
+    preset = parse(setting)
+    if preset is not None:
+        _check_k(preset, _preset_info(model_name))
+
+
+def resolve(setting, model_name: str, param_shapes) -> tuple[Sequence, str | None]:
+    """(rules for `xfer.partition.labels`, init override): a preset expanded, explicit rules as given.
+
+    The init override is "scratch" for the `scratch` preset and None otherwise
+    (config.init stands). `param_shapes` is the params tree, e.g. from `jax.eval_shape`.
+    """
+    preset = parse(setting)
+    if preset is None:
+        return setting, None
+    info = _preset_info(model_name)
+    _check_k(preset, info)
+    paths = [path_str(key_path) for key_path, _ in jax.tree_util.tree_flatten_with_path(param_shapes)[0]]
+    _check_blocks(info, paths)
+    head = re.compile(info.head)
+    body_paths = [path for path in paths if not head.search(path)]
+    backbone = _backbone_regex(preset, info, body_paths)
+    rules = [(info.head, HEAD)]
+    if backbone is not None:
+        if not any(re.search(backbone, path) for path in body_paths):
+            raise PartitionError(f"partition preset {_spelled(preset)!r} selects no parameter of {model_name} "
+                                 "outside its head; pick another preset")
+        rules.append((backbone, BACKBONE))
+    if not all(any(re.search(regex, path) for regex, _ in rules) for path in paths):
+        rules.append((".*", FROZEN))
+    init = "scratch" if preset.name == "scratch" else None
+    log.info("partition preset %r on %s: %s%s", _spelled(preset), model_name,
+             ", ".join(f"({_shortened(regex)!r}, {group!r})" for regex, group in rules),
+             "; init: scratch" if init else "")
+    return tuple(rules), init
+
+
+def optim_specs(optim_config: Mapping, setting, labels) -> Mapping:
+    """`config.optim` for `xfer.optim.build`: for a preset, only the specs of the groups in `labels`.
+
+    Explicit rules keep optim.build's strictness (a spec no rule uses is an error);
+    a preset leaves groups empty by design (`linear_probe` has no backbone).
+    """
+    if parse(setting) is None:
+        return optim_config
+    used = set(jax.tree.leaves(labels))
+    return {group: optim_config[group] for group in optim_config.keys() if group in used}
+
+
+def _spelled(preset: Preset) -> str:
+    return preset.name if preset.k is None else f"{preset.name}:{preset.k}"
+
+
+def _preset_info(model_name: str) -> models.ModelInfo:
+    info = models.info(model_name)
+    if info.head is None or not info.blocks:
+        raise PartitionError(f"model {model_name} declares no head and blocks (xfer.models.ModelInfo), so it "
+                             "takes no partition preset; write (regex, group) rules instead")
+    return info
+
+
+def _check_k(preset: Preset, info: models.ModelInfo) -> None:
+    if preset.name == LAST_K and not 1 <= preset.k <= len(info.blocks):
+        raise PartitionError(f"partition preset {_spelled(preset)!r} is out of range: {info.name} has "
+                             f"{len(info.blocks)} blocks (ModelInfo.blocks), so K must be in 1..{len(info.blocks)}")
+
+
+def _check_blocks(info: models.ModelInfo, paths: list[str]) -> None:
+    """The registry's head and blocks must take every parameter exactly once, or last_k counts wrong."""
+    regexes = [info.head, *info.blocks]
+    for path in paths:
+        matched = [regex for regex in regexes if re.search(regex, path)]
+        if len(matched) != 1:
+            raise PartitionError(f"{info.name}'s ModelInfo head and blocks match parameter {path} "
+                                 f"{len(matched)} times ({', '.join(matched) or 'no regex'}); "
+                                 "each parameter must be in exactly one: fix xfer/models")
+
+
+def _backbone_regex(preset: Preset, info: models.ModelInfo, body_paths: list[str]) -> str | None:
+    """The regex of what the preset trains besides the head; None for the head alone."""
+    if preset.name == "linear_probe":
+        return None
+    if preset.name in ("full", "scratch"):
+        return ".*"
+    if preset.name == LAST_K:
+        return "|".join(f"(?:{regex})" for regex in info.blocks[-preset.k:])
+    if preset.name == "bias_only":
+        return "(?:^|/)bias$"
+    norm_layers = _norm_layers(body_paths)
+    if not norm_layers:
+        raise PartitionError(f"partition preset 'norm_only' finds no normalisation layer in {info.name} (no "
+                             "module with exactly `scale` and `bias`); pick another preset")
+    return f"^(?:{'|'.join(map(re.escape, norm_layers))})/(?:scale|bias)$"
+
+
+def _norm_layers(paths: list[str]) -> list[str]:
+    """Modules whose parameters are exactly `scale` and `bias`: BatchNorm and LayerNorm layers."""
+    params_of: dict[str, set[str]] = {}
+    for path in paths:
+        module, _, name = path.rpartition("/")
+        params_of.setdefault(module, set()).add(name)
+    return sorted(module for module, names in params_of.items() if names == _NORM_PARAMS)
+
+
+def _shortened(regex: str, limit: int = 80) -> str:
+    return regex if len(regex) <= limit else f"{regex[:limit - 3]}..."

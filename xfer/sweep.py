@@ -1,0 +1,230 @@
+"""Ablation grids: every combination of a config's `sweep` values, run, resumed and tabled.
+
+    python -m xfer.sweep --config=configs/ablate_freeze.py --workdir=/tmp/xfer-ablate
+
+`config.sweep` holds the values to try per config field, nested as the config is:
+
+    config.sweep = ml_collections.ConfigDict({
+        "partition": ("linear_probe", "last_k:2", "full"),
+        "seed": (0, 1),
+        "optim": {"head": {"lr": (1e-3, 1e-2)}},      # the field optim.head.lr
+    })
+
+Each combination is one run, in a workdir under --workdir named by its values
+(`partition=last_k-2,seed=1`), fields in sorted order, the last varying fastest.
+Runs go one after another in this process through `xfer.train.run`, sharing
+compiled programs through JAX's persistent cache (`jax_cache/` there, unless
+JAX_COMPILATION_CACHE_DIR names another), so runs that differ only in seed
+compile once. A run whose summary.json exists is skipped and an interrupted one
+resumes (train.run does that by itself), so after a kill the same command
+finishes only what is missing. Then `xfer.ablation` writes results.csv,
+results.md and results.png.
+
+Before anything runs or any directory is made, the whole grid is checked: each
+field exists, each value has the field's type, each partition preset fits the
+model, and a run's workdir that exists holds that run's config.
+
+`--print_commands` prints one launch.py command per run instead (for a
+cluster or a pod); those runs land in the same workdirs, so this command,
+rerun without the flag, then only collects the table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from xfer import cli
+
+log = logging.getLogger("xfer")
+
+SUMMARY_FILE = "summary.json"
+
+
+class SweepError(ValueError):
+    """A grid that names a field the config lacks, or a value the field cannot hold."""
+
+
+class Run(NamedTuple):
+    name: str  # its workdir under the sweep's, e.g. "partition=last_k-2,seed=1"
+    values: dict[str, Any]  # {dotted config field: value} for every swept field
+    config: ml_collections.ConfigDict  # the sweep's config with those values set
+
+
+def grid(config: ml_collections.ConfigDict) -> list[Run]:
+    """Every combination of `config.sweep`'s values, checked: raises SweepError before anything runs."""
+    if "sweep" not in config:
+        raise SweepError("the config has no `sweep` field; add config.sweep = {field: (values, ...)}, "
+                         "e.g. configs/ablate_freeze.py")
+    fields = _fields(config.sweep, "")
+    if not fields:
+        raise SweepError("config.sweep is empty; give it at least one field and its values")
+    runs = []
+    for combination in itertools.product(*(values for _, values in fields)):
+        values = {path: value for (path, _), value in zip(fields, combination)}
+        runs.append(Run(run_name(values), values, _with_values(config, values)))
+    names = [run.name for run in runs]
+    clash = next((name for name in names if names.count(name) > 1), None)
+    if clash:
+        raise SweepError(f"two runs of the grid get the workdir name {clash!r}; make the swept values "
+                         "differ in letters or digits, not only in punctuation")
+    return runs
+
+
+def run_name(values: dict[str, Any]) -> str:
+    """`partition=last_k-2,seed=1`: the values, with anything but [A-Za-z0-9._=+-] as '-'."""
+    return ",".join(re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{path}={_text(value)}") for path, value in values.items())
+
+
+def check(runs: Sequence[Run], sweep_dir: Path) -> None:
+    """What would fail later, now: presets that do not fit a model, workdirs of another config."""
+    from xfer import presets, train  # JAX: imported when a grid is checked, not for --help
+
+    for run in runs:
+        try:
+            presets.check(run.config.partition, run.config.model.name)
+            train.check_workdir(sweep_dir / run.name, train.config_as_json(run.config))
+        except ValueError as error:
+            raise SweepError(f"run {run.name}: {error}") from None
+
+
+def run_all(runs: Sequence[Run], sweep_dir: Path) -> bool:
+    """Trains the runs one after another, skipping finished ones (summary.json present).
+
+    False when a preemption notice stopped a run (`xfer.preemption`): it saved
+    where it was, and the same command resumes it.
+    """
+    from xfer import train
+
+    for index, run in enumerate(runs, start=1):
+        workdir = sweep_dir / run.name
+        if (workdir / SUMMARY_FILE).exists():
+            log.info("sweep run %d/%d %s: finished, skipped", index, len(runs), run.name)
+            continue
+        log.info("sweep run %d/%d %s", index, len(runs), run.name)
+        if train.run(run.config, workdir) is None:
+            log.info("sweep stopped by a preemption notice during %s; rerun the same command to resume", run.name)
+            return False
+    return True
+
+
+def commands(runs: Sequence[Run], sweep_dir: Path, config_arg: str, overrides: Sequence[str]) -> list[str]:
+    """One launch.py command per run: the sweep's config and overrides, then the run's values.
+
+    Overrides of swept fields and of `sweep` itself are dropped, since each
+    command sets its own values and the grid is no part of a run's config.
+    """
+    swept = {path for run in runs for path in run.values} | {"sweep"}
+    kept = [arg for arg in overrides if not any(
+        _override_path(arg) == path or _override_path(arg).startswith(f"{path}.") for path in swept)]
+    return [shlex.join(["python", "launch.py", f"--config={config_arg}", *kept,
+                        *(f"--config.{path}={_text(value)}" for path, value in run.values.items()),
+                        f"--workdir={sweep_dir / run.name}"]) for run in runs]
+
+
+def _fields(node: ml_collections.ConfigDict, prefix: str) -> list[tuple[str, tuple]]:
+    """[(dotted field, values)] of a nested `sweep`, in the ConfigDict's (sorted) key order."""
+    fields = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            fields += _fields(value, f"{path}.")
+        elif isinstance(value, (tuple, list)) and value:
+            fields.append((path, tuple(value)))
+        else:
+            raise SweepError(f"config.sweep.{path} is {value!r}; give a non-empty tuple of the values to try, "
+                             f"e.g. config.sweep.{path} = (a, b)")
+    return fields
+
+
+def _with_values(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config` with each dotted field set, through ml_collections' own type checks."""
+    run_config = config.copy_and_resolve_references()
+    for path, value in values.items():
+        parent, _, field = path.rpartition(".")
+        node = run_config
+        for part in filter(None, parent.split(".")):
+            node = node[part] if isinstance(node, ml_collections.ConfigDict) and part in node else None
+        if not isinstance(node, ml_collections.ConfigDict) or field not in node or path.split(".")[0] == "sweep":
+            raise SweepError(f"config.sweep.{path}: the config has no field {path}; sweep one of its fields "
+                             f"({', '.join(k for k in config.keys() if k != 'sweep')}, or a nested one)")
+        try:
+            node[field] = value
+        except (TypeError, ValueError):
+            raise SweepError(f"config.sweep.{path}: value {value!r} is of type {type(value).__name__}, config.{path} "
+                             f"of type {type(node[field]).__name__}; give values of its type") from None
+    return run_config
+
+
+def _text(value) -> str:
+    """A value as a flag takes it: strings bare, everything else as its Python literal."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def _override_path(arg: str) -> str:
+    return arg.split("=", 1)[0].removeprefix("--no").removeprefix("--").removeprefix("config.")
+
+
+def _config_overrides(argv: Sequence[str]) -> list[str]:
+    """The `--config.*` arguments of a command line, as `--config.x=value` (absl also takes `--config.x value`)."""
+    overrides, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg.startswith(("--config.", "--noconfig.")):
+            value_follows = (arg.startswith("--config.") and "=" not in arg and index + 1 < len(argv)
+                             and not argv[index + 1].startswith("--"))
+            overrides.append(f"{arg}={argv[index + 1]}" if value_follows else arg)
+            index += value_follows
+        index += 1
+    return overrides
+
+
+def _main() -> None:
+    """The command line; flags are defined here, not on import, so tests and launch.py can import this."""
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Path to a config with a `sweep` field, e.g. configs/ablate_freeze.py.", lock_config=True)
+    workdir_flag = flags.DEFINE_string("workdir", None, "Directory that gets one workdir per run and the results.")
+    print_commands_flag = flags.DEFINE_bool(
+        "print_commands", False, "Print one launch.py command per run instead of running them.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        sweep_dir = Path(workdir_flag.value).expanduser().absolute()
+        try:
+            runs = grid(config_flag.value)
+            check(runs, sweep_dir)
+            if print_commands_flag.value:
+                config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+                print("\n".join(commands(runs, sweep_dir, config_arg, _config_overrides(sys.argv[1:]))))
+                return
+            import jax
+
+            from xfer import ablation, preemption
+
+            if not jax.config.jax_compilation_cache_dir:  # runs that differ in seed only compile once
+                jax.config.update("jax_compilation_cache_dir", str(sweep_dir / "jax_cache"))
+            preemption.listen()
+            if run_all(runs, sweep_dir):
+                ablation.write(runs, sweep_dir)
+        except cli.USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(main, flags_parser=cli.flags_parser(config_flag))
+
+
+if __name__ == "__main__":
+    _main()
