@@ -1,6 +1,6 @@
 """Cached vs uncached linear probe: how much an epoch costs once the frozen backbone ran once.
 
-    python bench/feature_cache.py [--steps 30] [--image_size 96]
+    PYTHONPATH=. python bench/feature_cache.py [--steps 30] [--image_size 96]   # from the repo root
 
 Both runs are the quickstart (ImageNet EfficientNet-Lite0, head only, digits)
 in this one process, back to back; the figures are steady-state seconds per
