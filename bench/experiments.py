@@ -41,12 +41,12 @@ VARIANTS = {
 
 FLAG_SETS = {
     "default": "",
-    "no_ynn(eigen)": "--xla_cpu_experimental_ynn_fusion_type=",
+    "eigen": "--xla_cpu_experimental_ynn_fusion_type=",
     "no_ynn+onednn_dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true "
                          "--xla_cpu_experimental_onednn_fusion_type=individual_dot",
     "ynn_conv+onednn_dot": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution "
                            "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=individual_dot",
-    "ynn+dot,eltwise,reduce": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot,eltwise,reduce",
+    "ynn+dot+eltwise+reduce": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot,eltwise,reduce",
     "multi_thread_eigen=false": "--xla_cpu_multi_thread_eigen=false",
     "fast_math": "--xla_cpu_enable_fast_math=true",
     "use_thunk_runtime=false": "--xla_cpu_use_thunk_runtime=false",
@@ -170,7 +170,7 @@ def _gflops(fn, *args) -> float:
 
 def cmd_flags(args):
     rounds = args.rounds
-    sets = {k: FLAG_SETS[k] for k in args.sets.split(",")} if args.sets else FLAG_SETS
+    sets = {k: FLAG_SETS[k] for k in args.sets.split(",") if k} if args.sets else FLAG_SETS
     results = {name: [] for name in sets}
     for r in range(rounds):
         for name, flags in sets.items():
