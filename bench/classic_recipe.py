@@ -138,7 +138,7 @@ def xfer_step(size: int, mode: str, images, labels, info: dict | None = None):
         start = time.perf_counter()
         compiled = train_step.lower(state, batch).compile()
         info["compile_s"] = round(time.perf_counter() - start, 2)
-        info["xfer_gflops_per_step"] = round(_flops(compiled) / 1e9, 2)
+        info["xfer_gflops_per_step"] = round(compiled_flops(compiled) / 1e9, 2)
     holder = {"state": state, "metrics": None}
 
     def step():
@@ -150,7 +150,7 @@ def xfer_step(size: int, mode: str, images, labels, info: dict | None = None):
     return step, sync
 
 
-def _flops(compiled) -> float:
+def compiled_flops(compiled) -> float:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]

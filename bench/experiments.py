@@ -27,16 +27,17 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import classic_recipe as cr  # noqa: E402
 
+LIB = dict(conv="small_im2col", fold="1x1", pool="custom")  # what xfer.models.vgg does now
 VARIANTS = {
     # name: bench/variants.py VGGVariant keyword arguments; None: the library model itself
-    "lib": None,                                           # xfer.models.build('vgg16') as it is now
-    "before": dict(conv="lax", fold="none"),               # the library before the changes below
-    "no_fold": dict(conv="small_im2col", fold="none"),     # lib without PooledDense's 1x1 fold
-    "no_im2col": dict(conv="lax", fold="1x1"),             # lib without the small-map im2col
-    "im2col_all": dict(conv="im2col", fold="1x1"),         # every conv as im2col + matmul
-    "bf16": dict(conv="small_im2col", fold="1x1", dtype="bfloat16"),  # features computed in bf16
-    "relu_out": dict(conv="small_im2col", fold="1x1", relu="output"),  # ReLU backward from its output
-    "pool_vjp": dict(conv="small_im2col", fold="1x1", pool="custom"),  # max-pool gradient, elementwise
+    "lib": None,                                                    # xfer.models.build('vgg16')
+    "before": dict(conv="lax", fold="none", pool="lax"),            # the library before this work
+    "no_im2col": {**LIB, "conv": "lax"},                            # lib without the small-map im2col
+    "no_fold": {**LIB, "fold": "none"},                             # lib without PooledDense's 1x1 fold
+    "no_pool_vjp": {**LIB, "pool": "lax"},                          # lib with nn.max_pool's gradient
+    "im2col_all": {**LIB, "conv": "im2col"},                        # every conv as im2col + matmul
+    "bf16": {**LIB, "dtype": "bfloat16"},                           # features computed in bfloat16
+    "relu_out": {**LIB, "relu": "output"},                          # ReLU derivative from its output
 }
 
 FLAG_SETS = {
@@ -83,6 +84,31 @@ def build_step(name: str, size: int, mode: str, images, labels, donate: bool = T
     return step, sync, compiled, model, state
 
 
+def torch_bf16_step(size: int, mode: str, images, labels):
+    """torch's recipe with `features` under torch.autocast('cpu', bfloat16) (oneDNN, AMX here)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(weights=None, num_classes=cr.NUM_CLASSES).train()
+    if mode == "frozen":
+        for p in model.features.parameters():
+            p.requires_grad = False
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cr.LR, momentum=cr.MOMENTUM)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(labels.astype("int64"))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = model.features(x)
+        logits = model.classifier(torch.flatten(model.avgpool(feats.float()), 1))
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        optimizer.step()
+
+    return step, lambda: None
+
+
 def logits_error(model, ref_model, state, images) -> float:
     import jax.numpy as jnp
     import numpy as np
@@ -110,11 +136,13 @@ def cmd_variants(args):
     sides, info = {}, {}
     if not args.skip_torch:
         sides["torch"] = cr.torch_step(size, mode, images, labels)
+    if args.torch_bf16:
+        sides["torch_bf16"] = torch_bf16_step(size, mode, images, labels)
     for name in args.variants.split(","):
         start = time.perf_counter()
         step, sync, compiled, model, state = build_step(name, size, mode, images, labels)
         info[name] = {"compile_s": round(time.perf_counter() - start, 1),
-                      "gflops": round(cr._flops(compiled) / 1e9, 2),
+                      "gflops": round(cr.compiled_flops(compiled) / 1e9, 2),
                       "logits_rel_err_vs_lib": logits_error(model, ref_model, state, images)}
         print(name, json.dumps(info[name]), flush=True)
         sides[name] = (step, sync)
@@ -150,7 +178,7 @@ def cmd_flops(args):
         for mode in ("frozen", "full"):
             for name in args.variants.split(","):
                 _, _, compiled, _, _ = build_step(name, size, mode, images, labels)
-                row[f"{mode}/{name}"] = round(cr._flops(compiled) / 1e9, 2)
+                row[f"{mode}/{name}"] = round(cr.compiled_flops(compiled) / 1e9, 2)
         model = models.build("vgg16", num_classes=cr.NUM_CLASSES)
         params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
         features = vgg.Features(vgg.CONFIGS["vgg16"], False)
@@ -165,13 +193,13 @@ def cmd_flops(args):
 
 
 def _gflops(fn, *args) -> float:
-    return round(cr._flops(fn.lower(*args).compile()) / 1e9, 2)
+    return round(cr.compiled_flops(fn.lower(*args).compile()) / 1e9, 2)
 
 
 def cmd_flags(args):
     rounds = args.rounds
     sets = {k: FLAG_SETS[k] for k in args.sets.split(",") if k} if args.sets else FLAG_SETS
-    results = {name: [] for name in sets}
+    results = {}
     for r in range(rounds):
         for name, flags in sets.items():
             out = HERE / f".flags_{os.getpid()}.jsonl"
@@ -187,17 +215,18 @@ def cmd_flags(args):
                 tail = proc.stderr.strip().splitlines()[-3:]
                 print(f"round {r} {name}: FAILED rc={proc.returncode}: {tail}", flush=True)
                 continue
-            line = json.loads(out.read_text().splitlines()[-1])
+            for line in map(json.loads, out.read_text().splitlines()):
+                key = (line["size"], line["mode"], name)
+                results.setdefault(key, []).append(line)
+                print(f"round {r} {line['size']}px {line['mode']:<6} {name:<24} torch {line['torch_img_s_median']:7.2f}  "
+                      f"xfer {line['xfer_img_s_median']:7.2f}  xfer/torch {line['xfer_over_torch_median']:.3f}  "
+                      f"load {line['loadavg_1min_before']}", flush=True)
             out.unlink(missing_ok=True)
-            results[name].append(line)
-            print(f"round {r} {name:<26} torch {line['torch_img_s_median']:7.2f}  xfer {line['xfer_img_s_median']:7.2f}"
-                  f"  xfer/torch {line['xfer_over_torch_median']:.3f}", flush=True)
     print("median over rounds (xfer/torch ratio, xfer img/s, torch img/s):")
-    for name, lines in results.items():
-        if lines:
-            print(f"  {name:<26} {statistics.median(l['xfer_over_torch_median'] for l in lines):.3f}  "
-                  f"{statistics.median(l['xfer_img_s_median'] for l in lines):7.2f}  "
-                  f"{statistics.median(l['torch_img_s_median'] for l in lines):7.2f}", flush=True)
+    for (size, mode, name), lines in results.items():
+        print(f"  {size}px {mode:<6} {name:<24} {statistics.median(l['xfer_over_torch_median'] for l in lines):.3f}  "
+              f"{statistics.median(l['xfer_img_s_median'] for l in lines):7.2f}  "
+              f"{statistics.median(l['torch_img_s_median'] for l in lines):7.2f}", flush=True)
 
 
 def main():
@@ -206,11 +235,12 @@ def main():
     v = sub.add_parser("variants")
     v.add_argument("--size", type=int, default=32)
     v.add_argument("--mode", default="frozen")
-    v.add_argument("--variants", default="lib,before,no_fold,no_im2col,bf16,lib_nodonate")
+    v.add_argument("--variants", default="lib,before,no_im2col,no_fold,no_pool_vjp,lib_nodonate")
     v.add_argument("--steps", type=int, default=0)
     v.add_argument("--windows", type=int, default=3)
     v.add_argument("--warmup", type=int, default=1)
     v.add_argument("--skip-torch", action="store_true")
+    v.add_argument("--torch-bf16", action="store_true", help="also torch with features under bf16 autocast")
     f = sub.add_parser("flops")
     f.add_argument("--sizes", default="32,224")
     f.add_argument("--variants", default="lib,before")

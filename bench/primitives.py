@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 
@@ -24,6 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--xla-flags", default="")
     p.add_argument("--layouts", default="NHWC", help="XLA layouts to time: NHWC, NCHW")
     p.add_argument("--bf16", action="store_true", help="also time XLA in bfloat16")
+    p.add_argument("--kinds", default="fwd,fwd+bwd", help="fwd, fwd+bwd")
+    p.add_argument("--no-dense", action="store_true", help="skip classifier/0")
     return p.parse_args(argv)
 
 
@@ -72,7 +73,7 @@ def main(argv=None):
 
     print(f"{'op':<34}{'torch GF/s':>11}" + "".join(f"{l + ('/bf16' if d == jnp.bfloat16 else ''):>14}"
                                                     for l in layouts for d in dtypes), flush=True)
-    for kind in ("fwd", "fwd+bwd"):
+    for kind in [k for k in args.kinds.split(",") if k]:
         for hw, c_in, c_out in conv_shapes(args.size):
             x = rng.standard_normal((n, hw, hw, c_in)).astype(np.float32)
             w = (rng.standard_normal((3, 3, c_in, c_out)) * 0.01).astype(np.float32)
@@ -123,6 +124,8 @@ def main(argv=None):
             f"{l}{'/bf16' if d == jnp.bfloat16 else ''} {totals[(kind, (l, d))] * 1e3:.0f} ms "
             f"(xla/torch speed {base / totals[(kind, (l, d))]:.2f})" for l in layouts for d in dtypes), flush=True)
 
+    if args.no_dense:
+        return
     # classifier/0: (n, 25088) @ (25088, 4096), forward and kernel gradient.
     a = rng.standard_normal((n, 25088)).astype(np.float32)
     k = (rng.standard_normal((25088, 4096)) * 0.01).astype(np.float32)

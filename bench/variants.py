@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from xfer.models import vgg
-from xfer.models.layers import adaptive_avg_pool, dropout
+from xfer.models.layers import adaptive_avg_pool, dropout, max_pool_2x2
 
 
 def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -70,39 +70,6 @@ def relu_from_output(x):
 def _relu_jvp(primals, tangents):
     y = relu_from_output(primals[0])
     return y, jnp.where(y > 0, tangents[0], jnp.zeros_like(tangents[0]))
-
-
-@jax.custom_vjp
-def max_pool_2x2(x):
-    """nn.max_pool(x, (2, 2), strides=(2, 2)); its gradient from elementwise ops (first maximum in
-    each window takes it, as lax and torch), instead of XLA:CPU's select-and-scatter expansion."""
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-
-def _max_pool_fwd(x):
-    y = max_pool_2x2(x)
-    return y, (x, y)
-
-
-def _max_pool_bwd(residuals, g):
-    x, y = residuals
-    n, h, w, c = x.shape
-    h2, w2 = y.shape[1:3]
-    windows = x[:, :2 * h2, :2 * w2].reshape(n, h2, 2, w2, 2, c)
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for i in range(2):
-        row = []
-        for j in range(2):
-            hit = (windows[:, :, i, :, j] == y) & ~taken
-            taken = taken | hit
-            row.append(jnp.where(hit, g, jnp.zeros_like(g)))
-        rows.append(jnp.stack(row, axis=3))
-    gx = jnp.stack(rows, axis=2).reshape(n, 2 * h2, 2 * w2, c)
-    return (jnp.pad(gx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0))),)
-
-
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Features(nn.Module):

@@ -24,32 +24,10 @@ from xfer import models
 from xfer.models import resnet
 from xfer.weights import convert, weight_map
 
+import torchvision_port
+
 # max |flax - torch| <= RTOL * max |torch|, per compared tensor.
 RTOL = 1e-4
-
-
-def _state_dict(torch_model) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in torch_model.state_dict().items()}
-
-
-def _variable_shapes(flax_model):
-    """What `init` would return, as shapes only: all `convert.port` needs, and free to compute."""
-    return jax.eval_shape(flax_model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-
-
-@functools.lru_cache(maxsize=None)
-def _torch_and_flax(name: str):
-    torch.manual_seed(0)
-    torch_model = getattr(torchvision.models, name)().eval()
-    # Random running statistics, so BatchNorm's eval-mode affine is not the identity.
-    for module in torch_model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    flax_model = models.build(name)
-    variables, report = convert.port(_state_dict(torch_model), weight_map(name), _variable_shapes(flax_model), name)
-    assert report.new_head == ()
-    return torch_model, flax_model, variables
 
 
 def _compared_modules(name: str) -> list[str]:
@@ -84,7 +62,7 @@ def _check_forward(name: str, images_nchw: np.ndarray, train: bool):
     either). Returns Flax's variable state after the forward, torch's state
     dict after it, and the worst relative difference.
     """
-    torch_model, flax_model, variables = _torch_and_flax(name)
+    torch_model, flax_model, variables = torchvision_port.torch_and_flax(name)
     float64 = images_nchw.dtype == np.float64
     if train or float64:  # a copy: a training forward updates torch's running statistics
         torch_model = copy.deepcopy(torch_model).train(train).to(torch.float64 if float64 else torch.float32)
@@ -96,7 +74,7 @@ def _check_forward(name: str, images_nchw: np.ndarray, train: bool):
     where = f"{name}@{images_nchw.shape[-1]}px {'train' if train else 'eval'} {images_nchw.dtype}"
     worst = max(_assert_close(functools.reduce(dict.__getitem__, m.split("."), state["intermediates"])
                               ["__call__"][0], expected[m], f"{where} {m}") for m in modules)
-    return state, _state_dict(torch_model), max(worst, _assert_close(logits, expected_logits, f"{where} logits"))
+    return state, torchvision_port.state_dict(torch_model), max(worst, _assert_close(logits, expected_logits, f"{where} logits"))
 
 
 @pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet18", 224), ("resnet50", 97)])
@@ -129,17 +107,17 @@ def test_train_mode_outputs_and_every_running_statistic_match_torchvision(name, 
 @pytest.mark.parametrize("name", ["resnet34", "resnet101", "resnet152"])
 def test_other_depths_port_strictly(name):
     """Every torchvision tensor has exactly one Flax variable of the right shape (no forward)."""
-    state_dict = _state_dict(getattr(torchvision.models, name)())
-    _, report = convert.port(state_dict, weight_map(name), _variable_shapes(models.build(name)), name)
+    state_dict = torchvision_port.state_dict(getattr(torchvision.models, name)())
+    _, report = convert.port(state_dict, weight_map(name), torchvision_port.variable_shapes(models.build(name)), name)
     assert len(report.rows) == sum(not k.endswith(".num_batches_tracked") for k in state_dict)
 
 
 def test_new_head_is_fresh_and_the_rest_is_ported():
     torch.manual_seed(0)
-    state_dict = _state_dict(torchvision.models.resnet18())
+    state_dict = torchvision_port.state_dict(torchvision.models.resnet18())
     # Shape placeholders stand in for a real initialisation (which costs seconds here):
     # the fresh head must come back as the very objects that went in.
-    fresh = _variable_shapes(models.build("resnet18", num_classes=10))
+    fresh = torchvision_port.variable_shapes(models.build("resnet18", num_classes=10))
     variables, report = convert.port(state_dict, weight_map("resnet18"), fresh, "resnet18")
     assert set(report.new_head) == {"params/fc/bias", "params/fc/kernel"}
     assert variables["params"]["fc"]["kernel"] is fresh["params"]["fc"]["kernel"]
@@ -154,9 +132,9 @@ def test_new_head_is_fresh_and_the_rest_is_ported():
 
 
 def test_wrong_depth_lists_mismatches_by_key():
-    state_dict = _state_dict(torchvision.models.resnet34())
+    state_dict = torchvision_port.state_dict(torchvision.models.resnet34())
     with pytest.raises(convert.WeightMismatchError) as e:
-        convert.port(state_dict, weight_map("resnet18"), _variable_shapes(models.build("resnet18")), "resnet18")
+        convert.port(state_dict, weight_map("resnet18"), torchvision_port.variable_shapes(models.build("resnet18")), "resnet18")
     message = str(e.value)
     assert "checkpoint does not fit resnet18" in message
     # resnet34's extra blocks (layer1.2, ...) are named, with shapes; nothing resnet18 has is missing.

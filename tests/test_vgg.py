@@ -6,6 +6,8 @@ exercise every element of every kernel (pretrained files cannot be
 downloaded here).
 """
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,24 +19,10 @@ from xfer import models
 from xfer.models import vgg
 from xfer.weights import convert, weight_map
 
+import torchvision_port
+
 # max |flax - torch| <= RTOL * max |torch|, per layer.
 RTOL = 1e-4
-
-
-def _torch_and_flax(name: str):
-    torch.manual_seed(0)
-    torch_model = getattr(torchvision.models, name)().eval()
-    # Random running statistics, so BatchNorm's eval-mode affine is not the identity.
-    for module in torch_model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    flax_model = models.build(name)
-    fresh = flax_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    variables, report = convert.port(state_dict, weight_map(name), fresh, name)
-    assert report.new_head == ()
-    return torch_model, flax_model, variables
 
 
 def _torch_activations(torch_model, images_nchw, indices):
@@ -57,7 +45,7 @@ def _assert_close(ours, theirs, where):
 
 @pytest.mark.parametrize("name", ["vgg16", "vgg11_bn"])
 def test_every_layer_and_logits_match_torchvision(name):
-    torch_model, flax_model, variables = _torch_and_flax(name)
+    torch_model, flax_model, variables = torchvision_port.torch_and_flax(name)
     indices = [i for i, kind, _ in vgg.feature_layers(vgg.CONFIGS[name[:5]], name.endswith("_bn"))
                if kind != "pool"]
     rng = np.random.default_rng(0)
@@ -118,8 +106,8 @@ def test_unknown_model_names_the_choices():
 def test_train_mode_outputs_and_running_statistics_match_torchvision():
     """One training forward: batch-statistics outputs, and torch's running-stat update
     (momentum convention, unbiased variance) — where ported BatchNorm usually drifts."""
-    torch_model, flax_model, variables = _torch_and_flax("vgg11_bn")
-    torch_model.train()
+    torch_model, flax_model, variables = torchvision_port.torch_and_flax("vgg11_bn")
+    torch_model = copy.deepcopy(torch_model).train()  # the shared model stays in eval mode
     for module in torch_model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xfer.models.layers import adaptive_avg_pool, batch_norm, conv_general_dilated, dropout
+from xfer.models.layers import adaptive_avg_pool, batch_norm, conv_general_dilated, dropout, max_pool_2x2
 
 # torchvision's `cfgs`: channel counts, "M" for a 2x2 max-pool.
 CONFIGS = {
@@ -70,7 +70,7 @@ class Features(nn.Module):
     def __call__(self, x, train: bool = False):
         for index, kind, channels in feature_layers(self.cfg, self.batch_norm):
             if kind == "pool":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)  # nn.max_pool's values, a cheaper gradient on XLA:CPU
             elif kind == "conv":
                 # im2col where the map is smaller than the 3x3 window (2x2 at 32 px input): XLA:CPU's own
                 # lowering of those runs ~100x slower (xfer.models.layers.conv_general_dilated).

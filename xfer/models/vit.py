@@ -128,14 +128,9 @@ class EncoderLayers(nn.Module):
         return x
 
 
-class Encoder(nn.Module):
-    """Adds `pos_embedding` to the (class token + patches) sequence, runs the blocks, then `ln`."""
-
-    num_layers: int
-    num_heads: int
-    mlp_dim: int
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
+class Encoder(EncoderLayers):
+    """Adds `pos_embedding` to the (class token + patches) sequence, runs the blocks (`layers`, with
+    this module's settings), then `ln`."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -1,0 +1,134 @@
+"""Frozen work is free: a train step through a frozen prefix against the prefix's forward pass alone
+plus a train step of the rest.
+
+    python bench/frozen_prefix.py                                              # Lite0, 96 px, batch 32
+    python bench/frozen_prefix.py --model vgg16 --image_size 32 --batch 64 --presets linear_probe
+
+For each preset mask (xfer/presets.py), in this one process:
+  step    the train step xfer.train.run builds without a feature cache: images in, the frozen
+          prefix in inference mode, gradients only where the mask trains;
+  prefix  the forward pass of the frozen prefix up to its cut (`xfer.feature_cache`'s feature
+          pass, inference mode): the least any step must do with the frozen part;
+  rest    the train step from the cut on, on that output (what runs on cached features);
+  full    for scale, the step that trains every parameter.
+Printed: compiled FLOPs (XLA's cost analysis) and the median milliseconds per call over timed windows
+that alternate between the programs; `step / (prefix + rest)` is what freezing costs beyond the
+least possible (goal <= 1.15). Random initialisation and one random batch: values do not change speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import classic_recipe as cr  # noqa: E402  (timing and FLOP helpers)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--image_size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--presets", default="linear_probe,last_k:1,last_k:3")
+    parser.add_argument("--steps", type=int, default=3, help="calls per timed window")
+    parser.add_argument("--windows", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+class Programs:
+    """The four programs of one preset, compiled, each a no-argument call plus its FLOPs."""
+
+    def __init__(self, model_name: str, preset: str, images, labels):
+        import jax
+        import jax.numpy as jnp
+        import ml_collections
+        import numpy as np
+
+        from xfer import feature_cache, models, norms, optim, partition, presets, step as step_lib
+
+        size = images.shape[1]
+        model = models.build(model_name, num_classes=10)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+        mesh = step_lib.data_mesh()
+        batch = step_lib.global_batch({"image": images, "label": labels, "index": np.arange(len(labels)),
+                                       "mask": np.ones(len(labels), np.float32)}, mesh)
+        self.calls, self.gflops = {}, {}
+        for name, setting in (("step", preset), ("full", "full")):
+            rules, _ = presets.resolve(setting, model_name, variables["params"])
+            labels_tree = partition.labels(variables["params"], rules)
+            bn_policies = norms.policies(variables.get("batch_stats", {}), (), labels_tree)
+            labels_tree = norms.freeze_affine(labels_tree, bn_policies)
+            running = norms.running_statistics_layers(bn_policies)
+            group_spec = optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9)
+            optim_config = ml_collections.ConfigDict({g: group_spec for g in ("head", "backbone")})
+            tx = optim.build(presets.optim_specs(optim_config, setting, labels_tree), labels_tree, 1000)
+            def fresh_state():  # copies, one per program: a train step donates (deletes) the state it is given
+                return step_lib.replicate(step_lib.create_state(jax.tree.map(jnp.array, variables), tx, 0), mesh)
+
+            self._add(name, step_lib.make_train_step(model, tx, labels_tree, mesh, running), fresh_state(), batch)
+            if name == "step":
+                self.cut = feature_cache.check_cut(feature_cache.AUTO, model, variables, size, labels_tree, running)
+                prefix = feature_cache.make_feature_step(model, self.cut, mesh)
+                state = fresh_state()
+                features = prefix(state.params, state.batch_stats, batch)[0]
+                self._add("prefix", lambda s, b: prefix(s.params, s.batch_stats, b), state, batch)
+                rest = step_lib.make_train_step(model, tx, labels_tree, mesh, running, cut=self.cut, image_size=size)
+                self._add("rest", rest, fresh_state(), {**batch, "image": features})
+                self.trainable = partition.count_trainable(variables["params"], labels_tree)
+
+    def _add(self, name: str, fn, state, batch):
+        """Compiles `fn(state, batch)`; a train step's new state feeds its next call (it is donated)."""
+        import jax
+
+        compiled = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(state, batch).compile()
+        self.gflops[name] = cr.compiled_flops(compiled) / 1e9
+        holder = {"state": state, "out": None}
+
+        def call():
+            out = compiled(holder["state"], batch)
+            if name != "prefix":
+                holder["state"] = out[0]
+            holder["out"] = out
+
+        self.calls[name] = (call, lambda: jax.block_until_ready(holder["out"]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    images = rng.standard_normal((args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
+    labels = rng.randint(0, 10, args.batch).astype(np.int32)
+    print(f"{args.model} at {args.image_size} px, batch {args.batch}, {jax.device_count()} {jax.devices()[0].platform} "
+          f"device(s), load {os.getloadavg()[0]:.2f}; ms per call: median of {args.windows} windows of {args.steps}",
+          flush=True)
+    print(f"{'preset':<14}{'cut':<14}{'trainable':>11}{'GFLOP step':>12}{'prefix+rest':>13}{'full':>8}"
+          f"{'ms step':>10}{'prefix+rest':>13}{'full':>9}{'step/(prefix+rest)':>21}{'FLOPs':>7}", flush=True)
+    for preset in [p for p in args.presets.split(",") if p]:
+        programs = Programs(args.model, preset, images, labels)
+        for call, sync in programs.calls.values():
+            call()  # warm-up
+            sync()
+        ms = {name: [] for name in programs.calls}
+        for _ in range(args.windows):
+            for name, (call, sync) in programs.calls.items():
+                ms[name].append(1e3 * cr.timed_window(call, sync, args.steps) / args.steps)
+        ratios = [s / (p + r) for s, p, r in zip(ms["step"], ms["prefix"], ms["rest"])]
+        median = {name: statistics.median(values) for name, values in ms.items()}
+        g = programs.gflops
+        print(f"{preset:<14}{programs.cut:<14}{programs.trainable:>11,}{g['step']:>12.2f}"
+              f"{g['prefix'] + g['rest']:>13.2f}{g['full']:>8.2f}{median['step']:>10.1f}"
+              f"{median['prefix'] + median['rest']:>13.1f}{median['full']:>9.1f}"
+              f"{statistics.median(ratios):>21.3f}{g['step'] / (g['prefix'] + g['rest']):>7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
