@@ -163,7 +163,7 @@ def cmd_variants(args):
 
 
 def cmd_flops(args):
-    """Compiled FLOPs: frozen step, full step, features forward only (+ bf16/fold variants)."""
+    """Compiled FLOPs and temporary memory: frozen step, full step, features forward only (+ variants)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -179,6 +179,7 @@ def cmd_flops(args):
             for name in args.variants.split(","):
                 _, _, compiled, _, _ = build_step(name, size, mode, images, labels)
                 row[f"{mode}/{name}"] = round(cr.compiled_flops(compiled) / 1e9, 2)
+                row[f"{mode}/{name}_temp_gb"] = round(compiled.memory_analysis().temp_size_in_bytes / 1e9, 2)
         model = models.build("vgg16", num_classes=cr.NUM_CLASSES)
         params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
         features = vgg.Features(vgg.CONFIGS["vgg16"], False)

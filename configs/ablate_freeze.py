@@ -15,7 +15,8 @@ held-out digits, mean ± std over seeds 0 and 1:
     bias_only     0.851 ± 0.033      33,818
     norm_only     0.881 ± 0.024      54,826
     full          0.968 ± 0.014   3,383,818
-    scratch       0.099 ± 0.002   3,383,818   (chance: random init, no BatchNorm statistics, 60 steps)
+    scratch       0.100 ± 0.004   3,383,818   (chance: random init, 60 steps; rerun with BatchNorm
+                                              on batch statistics, see xfer.presets.bn_rules)
 
 Arguments, `--config=configs/ablate_freeze.py:key=value,...`:
   model=lite0|vgg16|resnet50        the backbone (default lite0; vgg16 and resnet50 read
@@ -60,8 +61,8 @@ def get_config(arg: str = ""):
     # evaluation, whatever the mask: masks then differ only in which parameters learn. With the
     # default `()` a layer whose scale and bias train switches to batch statistics while its running
     # ones (momentum 0.99) trail far behind, and evaluation suffers: seed 0 measured full 0.32,
-    # bias_only 0.23, norm_only 0.24, against 0.98, 0.83, 0.86 with this policy. For `scratch` it
-    # means no normalisation at all (its statistics are the initial 0 and 1).
+    # bias_only 0.23, norm_only 0.24, against 0.98, 0.83, 0.86 with this policy. `scratch` ignores
+    # it and trains on batch statistics: a random network has no statistics to keep (xfer.presets).
     config.bn_policy = ((".*", "stats_frozen"),) if has_batch_norm else ()
     config.bn_cross_device = True
     config.feature_cache = ""  # the masks train different prefixes, so none is cached (xfer/feature_cache.py)

@@ -8,6 +8,10 @@ first use) and CIFAR-10 prepared for tfds as ArrayRecord (`pip install
 'xfer[prepare]' && tfds build cifar10 --file_format=array_record`).
 Expected: ~0.86 test accuracy at 224 px after 3 epochs, the figure the
 PyTorch version of this recipe reaches (not measured here: no GPU, no download).
+
+On CPU, prefix the command with XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+(jaxlib 0.10): XLA's Eigen convolutions then replace its YNNPACK ones, and the
+train step at 224 px runs 1.6x (frozen) and 2.3x (full) faster (bench/README.md).
 """
 
 import ml_collections

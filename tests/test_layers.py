@@ -42,3 +42,21 @@ def test_max_pool_2x2_gradient_is_lax_gradient_ties_included(shape):
     want = jax.vjp(lax_pool, x)[1](upstream)[0]
     got = jax.vjp(layers.max_pool_2x2, x)[1](upstream)[0]
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kernel,stride,hw", [(3, 1, 6), (5, 2, 7), (3, 2, 8)])
+def test_depthwise_conv_is_lax_conv_forward_and_backward(kernel, stride, hw):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, hw, hw, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)), jnp.float32)
+    numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv, x, w):  # TF-"SAME" padding (asymmetric at stride 2), as EfficientNet's blocks
+        y = conv(x, w, (stride, stride), "SAME", dimension_numbers=numbers, feature_group_count=6)
+        return jnp.sum(y * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)), y
+
+    (_, want), want_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(jax.lax.conv_general_dilated, x, w)
+    (_, got), got_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(layers.conv_general_dilated, x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-3)

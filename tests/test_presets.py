@@ -99,6 +99,13 @@ def test_scratch_overrides_init_and_the_rest_keep_it():
     assert presets.resolve(rules, "resnet18", shapes) == (rules, None)
 
 
+def test_scratch_trains_batchnorm_statistics_whatever_the_policy_the_rest_keep_it():
+    pretrained_statistics = ((".*", "stats_frozen"),)
+    assert presets.bn_rules("scratch", pretrained_statistics) == ()
+    assert presets.bn_rules("full", pretrained_statistics) == pretrained_statistics
+    assert presets.bn_rules(((".*", "all"),), pretrained_statistics) == pretrained_statistics
+
+
 def test_a_preset_given_as_a_command_line_override_of_a_rules_field_counts():
     # `--config.partition=last_k:2` on a config whose partition holds rules arrives as a 1-tuple.
     assert presets.parse(("last_k:2",)) == presets.Preset("last_k", 2)

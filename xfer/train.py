@@ -58,7 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed), images)
     rules, init_override = presets.resolve(config.partition, config.model.name, shapes["params"])
     labels = partition.labels(shapes["params"], rules)
-    bn_policies = norms.policies(shapes.get("batch_stats", {}), config.bn_policy, labels)
+    bn_policies = norms.policies(shapes.get("batch_stats", {}), presets.bn_rules(config.partition, config.bn_policy),
+                                 labels)
     labels = norms.freeze_affine(labels, bn_policies)
     running_stats_layers = norms.running_statistics_layers(bn_policies)
     cut = _feature_cache_cut(config, model, shapes, data, labels, running_stats_layers)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import flax.linen as nn
 
-from xfer.models.layers import batch_norm, dropout
+from xfer.models.layers import batch_norm, conv_general_dilated, dropout
 
 # EfficientNet-B0's stages, which Lite0 keeps: (repeats, kernel, stride, expand ratio, out channels).
 STAGES = (
@@ -92,6 +92,7 @@ class MBConvBlock(nn.Module):
             x = nn.relu6(_batch_norm(x, train, "_bn0"))
         x = nn.Conv(hidden, (cfg.kernel_size,) * 2, strides=cfg.stride, padding="SAME",
                     feature_group_count=hidden, use_bias=False, kernel_init=conv_init,
+                    conv_general_dilated=conv_general_dilated,  # shifted multiply-adds: fast on XLA:CPU
                     name="_depthwise_conv")(x)
         x = nn.relu6(_batch_norm(x, train, "_bn1"))
         x = nn.Conv(cfg.out_channels, (1, 1), use_bias=False, kernel_init=conv_init, name="_project_conv")(x)

@@ -38,20 +38,24 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarr
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`jax.lax.conv_general_dilated`, except a 2-D NHWC x HWIO convolution whose input is spatially
-    smaller than its kernel window, which is computed as im2col + one matmul (same result).
+    """`jax.lax.conv_general_dilated`, with two 2-D NHWC x HWIO cases computed another way (same result).
 
-    For flax: `nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)`. XLA's algebraic
-    simplifier swaps the operands of such a convolution (input H*W < kernel kh*kw: VGG16's three
-    3x3 convs on 2x2 maps at 32 px input) into a form XLA:CPU runs at ~0.3 GFLOP/s, forward and
-    backward: 3.5 s for one 64x2x2x512 conv that takes 20 ms as a matmul (bench/README.md).
+    For flax: `nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)`. Both cases run far
+    below XLA:CPU's speed for other convolutions (bench/README.md):
+    - an input spatially smaller than the kernel window (VGG16's three 3x3 convs on 2x2 maps at
+      32 px input): XLA's algebraic simplifier swaps the operands into a form XLA:CPU runs at
+      ~0.3 GFLOP/s, 3.5 s for one 64x2x2x512 conv that takes 20 ms as im2col + one matmul;
+    - a depthwise convolution (one kernel per channel: EfficientNet's blocks): XLA computes its
+      kernel gradient as a dense grouped convolution (96 channels: 96x the forward's FLOPs), while
+      kh * kw shifted multiply-adds are elementwise work that XLA fuses, forward and backward.
     """
-    kh, kw = rhs.shape[:2]
-    plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
-             and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-             and lhs.shape[1] * lhs.shape[2] < kh * kw
-             and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
-    if not plain:
+    kh, kw, kernel_in, kernel_out = rhs.shape if rhs.ndim == 4 else (0, 0, 0, 0)
+    plain_2d = (lhs.ndim == 4 and not kwargs
+                and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+                and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+    depthwise = plain_2d and kernel_in == 1 and feature_group_count == lhs.shape[3] == kernel_out
+    small_map = plain_2d and feature_group_count == 1 and lhs.shape[1] * lhs.shape[2] < kh * kw
+    if not (depthwise or small_map):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                             feature_group_count=feature_group_count, precision=precision, **kwargs)
@@ -62,10 +66,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     (top, bottom), (left, right) = padding
     x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
     oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
-    columns = jnp.concatenate([x[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
-                               for i in range(kh) for j in range(kw)], axis=-1)  # (kh, kw, c) order, as HWIO
+    taps = [((i, j), x[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :])
+            for i in range(kh) for j in range(kw)]  # (kh, kw) order, as HWIO
+    if depthwise:
+        return sum(tap * rhs[i, j, 0] for (i, j), tap in taps)
+    columns = jnp.concatenate([tap for _, tap in taps], axis=-1)
     out = jnp.dot(columns.reshape(n * oh * ow, kh * kw * c), rhs.reshape(kh * kw * c, -1), precision=precision)
-    return out.reshape(n, oh, ow, rhs.shape[-1])
+    return out.reshape(n, oh, ow, kernel_out)
 
 
 @jax.custom_vjp
