@@ -15,17 +15,7 @@ def test_small_map_conv_is_lax_conv_forward_and_backward(hw, stride, padding):
     x = jnp.asarray(rng.standard_normal((3, hw, hw, 5)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, 5, 4)) if padding != "VALID" else rng.standard_normal((1, 1, 5, 4)),
                     jnp.float32)
-    numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-
-    def loss(conv, x, w):
-        y = conv(x, w, (stride, stride), padding, dimension_numbers=numbers)
-        return jnp.sum(y * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)), y
-
-    (_, want), want_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(jax.lax.conv_general_dilated, x, w)
-    (_, got), got_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(layers.conv_general_dilated, x, w)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for g, e in zip(got_grads, want_grads):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
+    _assert_conv_matches_lax(x, w, (stride, stride), padding, feature_group_count=1)
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 6, 3), (2, 5, 7, 3)])  # even, and odd edges torch drops
@@ -49,10 +39,16 @@ def test_depthwise_conv_is_lax_conv_forward_and_backward(kernel, stride, hw):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, hw, hw, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)), jnp.float32)
+    # TF-"SAME" padding (asymmetric at stride 2), as EfficientNet's blocks.
+    _assert_conv_matches_lax(x, w, (stride, stride), "SAME", feature_group_count=6)
+
+
+def _assert_conv_matches_lax(x, w, strides, padding, feature_group_count):
+    """layers.conv_general_dilated's output and its gradients for x and w equal lax's."""
     numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
 
-    def loss(conv, x, w):  # TF-"SAME" padding (asymmetric at stride 2), as EfficientNet's blocks
-        y = conv(x, w, (stride, stride), "SAME", dimension_numbers=numbers, feature_group_count=6)
+    def loss(conv, x, w):  # a weighted sum, so every output element has its own gradient
+        y = conv(x, w, strides, padding, dimension_numbers=numbers, feature_group_count=feature_group_count)
         return jnp.sum(y * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)), y
 
     (_, want), want_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(jax.lax.conv_general_dilated, x, w)
