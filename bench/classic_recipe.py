@@ -109,27 +109,23 @@ def xfer_setup(size: int, mode: str, images, labels):
     import jax.numpy as jnp
     import ml_collections
 
-    from xfer import models, norms, optim, partition, step as step_lib
+    from xfer import models, optim, step as step_lib, train
 
     model = models.build("vgg16", num_classes=NUM_CLASSES)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     rules = FROZEN_RULES if mode == "frozen" else FULL_RULES
     group = rules[-1][1]
-    params_labels = partition.labels(variables["params"], rules)
-    bn_policies = norms.policies(variables.get("batch_stats", {}), (), params_labels)
-    params_labels = norms.freeze_affine(params_labels, bn_policies)
+    params_labels, running, _ = train.freeze_plan(rules, (), "vgg16", variables)
     optim_config = ml_collections.ConfigDict({group: optim.group_config(optimizer="sgd", lr=LR, momentum=MOMENTUM)})
     tx = optim.build(optim_config, params_labels, total_steps=1000)
     mesh = step_lib.data_mesh()
     state = step_lib.replicate(step_lib.create_state(variables, tx, seed=0), mesh)
     batch = step_lib.global_batch({"image": images, "label": labels.astype("int32")}, mesh)
-    return model, tx, params_labels, state, batch, mesh, norms.running_statistics_layers(bn_policies)
+    return model, tx, params_labels, state, batch, mesh, running
 
 
 def xfer_step(size: int, mode: str, images, labels, info: dict | None = None):
     """`xfer.step.make_train_step` as `xfer.train.run` builds it; returns (step, sync)."""
-    import jax
-
     from xfer import step as step_lib
 
     model, tx, params_labels, state, batch, mesh, running = xfer_setup(size, mode, images, labels)
@@ -139,15 +135,25 @@ def xfer_step(size: int, mode: str, images, labels, info: dict | None = None):
         compiled = train_step.lower(state, batch).compile()
         info["compile_s"] = round(time.perf_counter() - start, 2)
         info["xfer_gflops_per_step"] = round(compiled_flops(compiled) / 1e9, 2)
-    holder = {"state": state, "metrics": None}
+    return repeat_step(train_step, state, batch)
 
-    def step():
-        holder["state"], holder["metrics"] = train_step(holder["state"], batch)
 
-    def sync():
-        jax.block_until_ready((holder["state"], holder["metrics"]))
+def repeat_step(fn, state, batch, feeds_state: bool = True):
+    """(call, sync): `call()` runs `fn(state, batch)` once, `sync()` waits for the last call.
 
-    return step, sync
+    With `feeds_state` the output's first item is the next call's state: a train step donates
+    (deletes) the state it is given.
+    """
+    import jax
+
+    holder = {"state": state, "out": None}
+
+    def call():
+        holder["out"] = fn(holder["state"], batch)
+        if feeds_state:
+            holder["state"] = holder["out"][0]
+
+    return call, lambda: jax.block_until_ready(holder["out"])
 
 
 def compiled_flops(compiled) -> float:

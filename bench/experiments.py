@@ -73,15 +73,7 @@ def build_step(name: str, size: int, mode: str, images, labels, donate: bool = T
     if not donate or name.endswith("_nodonate"):
         train_step = jax.jit(train_step.__wrapped__)
     compiled = train_step.lower(state, batch).compile()
-    holder = {"state": state, "metrics": None}
-
-    def step():
-        holder["state"], holder["metrics"] = compiled(holder["state"], batch)
-
-    def sync():
-        jax.block_until_ready((holder["state"], holder["metrics"]))
-
-    return step, sync, compiled, model, state
+    return *cr.repeat_step(compiled, state, batch), compiled, model, state
 
 
 def torch_bf16_step(size: int, mode: str, images, labels):

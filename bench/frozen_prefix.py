@@ -50,7 +50,7 @@ class Programs:
         import ml_collections
         import numpy as np
 
-        from xfer import feature_cache, models, norms, optim, partition, presets, step as step_lib
+        from xfer import feature_cache, models, optim, partition, presets, step as step_lib, train
 
         size = images.shape[1]
         model = models.build(model_name, num_classes=10)
@@ -60,14 +60,11 @@ class Programs:
                                        "mask": np.ones(len(labels), np.float32)}, mesh)
         self.calls, self.gflops = {}, {}
         for name, setting in (("step", preset), ("full", "full")):
-            rules, _ = presets.resolve(setting, model_name, variables["params"])
-            labels_tree = partition.labels(variables["params"], rules)
-            bn_policies = norms.policies(variables.get("batch_stats", {}), (), labels_tree)
-            labels_tree = norms.freeze_affine(labels_tree, bn_policies)
-            running = norms.running_statistics_layers(bn_policies)
+            labels_tree, running, _ = train.freeze_plan(setting, (), model_name, variables)
             group_spec = optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9)
             optim_config = ml_collections.ConfigDict({g: group_spec for g in ("head", "backbone")})
             tx = optim.build(presets.optim_specs(optim_config, setting, labels_tree), labels_tree, 1000)
+
             def fresh_state():  # copies, one per program: a train step donates (deletes) the state it is given
                 return step_lib.replicate(step_lib.create_state(jax.tree.map(jnp.array, variables), tx, 0), mesh)
 
@@ -77,26 +74,17 @@ class Programs:
                 prefix = feature_cache.make_feature_step(model, self.cut, mesh)
                 state = fresh_state()
                 features = prefix(state.params, state.batch_stats, batch)[0]
-                self._add("prefix", lambda s, b: prefix(s.params, s.batch_stats, b), state, batch)
+                self._add("prefix", jax.jit(lambda s, b: prefix(s.params, s.batch_stats, b)), state, batch,
+                          feeds_state=False)
                 rest = step_lib.make_train_step(model, tx, labels_tree, mesh, running, cut=self.cut, image_size=size)
                 self._add("rest", rest, fresh_state(), {**batch, "image": features})
                 self.trainable = partition.count_trainable(variables["params"], labels_tree)
 
-    def _add(self, name: str, fn, state, batch):
-        """Compiles `fn(state, batch)`; a train step's new state feeds its next call (it is donated)."""
-        import jax
-
-        compiled = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(state, batch).compile()
+    def _add(self, name: str, jitted, state, batch, feeds_state: bool = True):
+        """Compiles `jitted(state, batch)` and keeps its FLOPs and its (call, sync)."""
+        compiled = jitted.lower(state, batch).compile()
         self.gflops[name] = cr.compiled_flops(compiled) / 1e9
-        holder = {"state": state, "out": None}
-
-        def call():
-            out = compiled(holder["state"], batch)
-            if name != "prefix":
-                holder["state"] = out[0]
-            holder["out"] = out
-
-        self.calls[name] = (call, lambda: jax.block_until_ready(holder["out"]))
+        self.calls[name] = cr.repeat_step(compiled, state, batch, feeds_state)
 
 
 def main(argv=None):

@@ -56,12 +56,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     # so a typo in a regex fails in seconds, before any weights are initialised or loaded.
     images = jax.ShapeDtypeStruct((1, data.image_size, data.image_size, 3), jnp.float32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed), images)
-    rules, init_override = presets.resolve(config.partition, config.model.name, shapes["params"])
-    labels = partition.labels(shapes["params"], rules)
-    bn_policies = norms.policies(shapes.get("batch_stats", {}), presets.bn_rules(config.partition, config.bn_policy),
-                                 labels)
-    labels = norms.freeze_affine(labels, bn_policies)
-    running_stats_layers = norms.running_statistics_layers(bn_policies)
+    labels, running_stats_layers, init_override = freeze_plan(config.partition, config.bn_policy,
+                                                              config.model.name, shapes)
     cut = _feature_cache_cut(config, model, shapes, data, labels, running_stats_layers)
     total_steps = _total_steps(config, data.num_train)
     optim_config = presets.optim_specs(config.optim, config.partition, labels)
@@ -135,6 +131,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     reporter.close()
     log.info("done: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return summary
+
+
+def freeze_plan(setting, bn_policy, model_name: str, variables) -> tuple[dict, frozenset[str], str | None]:
+    """(group label per parameter, BatchNorm layers on running statistics, init override or None)
+    for `config.partition` (a preset or rules) and `config.bn_policy`.
+
+    `variables` may be shapes (`jax.eval_shape` of init): this is what a run trains and how it
+    normalises, decided before any weight exists; the benchmarks build their steps through it too.
+    """
+    rules, init_override = presets.resolve(setting, model_name, variables["params"])
+    labels = partition.labels(variables["params"], rules)
+    bn_policies = norms.policies(variables.get("batch_stats", {}), presets.bn_rules(setting, bn_policy), labels)
+    return norms.freeze_affine(labels, bn_policies), norms.running_statistics_layers(bn_policies), init_override
 
 
 def init_variables(model, model_name: str, init: str, image_size: int, seed: int,
