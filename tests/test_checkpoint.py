@@ -11,16 +11,21 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xfer import checkpoint
+from xfer import checkpoint, cli
+from xfer.checkpoint import digest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 MESH = Mesh(jax.devices(), ("data",))
 REPLICATED = NamedSharding(MESH, P())
@@ -157,9 +162,21 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
     for step in (1, 2):
         (tmp_path / str(step) / "data_state" / "metadata").write_text('{"posit')
     with checkpoint.Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(RuntimeError, match=r"no readable checkpoint in .*tried steps \[2, 1\]"):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=r"no readable checkpoint in .*steps 2, 1 unreadable") as info:
             ckpt.restore(make_state(0))
         assert ckpt.latest_step() == 2  # nothing deleted when nothing could be restored
+    assert isinstance(info.value, cli.USER_ERRORS)  # launch.py: one `error:` line, exit code 2
+    assert "\n" not in str(info.value) and "move " in str(info.value)
+
+
+def test_emptied_state_metadata_everywhere_is_one_clear_error(tmp_path):
+    save_steps(tmp_path, [(1, 0.5), (2, 0.6)])
+    for step in (1, 2):
+        (tmp_path / str(step) / "state" / "_METADATA").write_text("")
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.CheckpointError, match=r"steps 2, 1 unreadable; step 2: JSONDecodeError"):
+            ckpt.restore(make_state(0))
 
 
 def test_empty_directory_restore_names_the_directory(tmp_path):
@@ -184,7 +201,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys, time
     import jax.numpy as jnp
-    from xfer import checkpoint
+    from xfer import checkpoint, cli
     directory = sys.argv[1]
     ckpt = checkpoint.Checkpointer(directory)
     ckpt.save(1, {"params": {"w": jnp.ones((4,))}}, {"position": 1}, {})
@@ -204,7 +221,7 @@ def test_kill_during_async_save_keeps_previous_step(tmp_path):
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path)],
         capture_output=True, text=True, timeout=120,
-        cwd=pathlib.Path(checkpoint.__file__).parents[1],  # so the child imports this xfer
+        cwd=REPO,  # so the child imports this xfer
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
@@ -220,3 +237,237 @@ def test_kill_during_async_save_keeps_previous_step(tmp_path):
         assert ckpt.save(2, {"params": {"w": jnp.full((4,), 2.0)}}, {"position": 2}, {})
     # The half-written step 2 was a temporary directory, removed when the directory was reopened.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+# --- Damage Orbax does not notice: every checkpoint carries a digest of what it holds. ---
+
+
+def noisy_state(seed: int) -> dict:
+    """Random bits do not compress, so zstd stores them raw and damaged bytes decode without error."""
+    return {
+        "params": {"noise": jax.random.bits(jax.random.key(seed), (256, 1024), jnp.uint32),
+                   "bias": jnp.full((8,), seed, jnp.float32)},
+        "step": jnp.asarray(seed, jnp.int32),
+    }
+
+
+def damage_middle(directory: pathlib.Path) -> pathlib.Path:
+    """4 KiB of random bytes over the middle of the largest data file under `directory`."""
+    biggest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.seek(biggest.stat().st_size // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+    return biggest
+
+
+def test_damaged_bytes_that_decode_are_caught_by_the_digest(tmp_path, caplog):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, noisy_state(step), {"position": step}, CONFIG)
+    damage_middle(tmp_path / "2" / "state" / "ocdbt.process_0" / "d")
+    # Orbax alone reads the damage back as values, without an error:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, noisy_state(0))
+    raw = ocp.StandardCheckpointer().restore(tmp_path / "2" / "state", abstract)
+    assert np.sum(np.asarray(raw["params"]["noise"]) != np.asarray(noisy_state(2)["params"]["noise"])) > 100
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint .*/2 is damaged: 1 of 2 entries do not "
+                                                         r"match .*\(params/noise differs\); read another"):
+        checkpoint.read_variables(tmp_path, 2)
+    with caplog.at_level(logging.WARNING, logger="xfer"), checkpoint.Checkpointer(tmp_path) as ckpt:
+        step, state, data_state = ckpt.restore(noisy_state(0))
+        assert (step, data_state) == (1, {"position": 1})
+        assert ckpt.latest_step() == 1  # the damaged step is deleted like a truncated one
+    np.testing.assert_array_equal(state["params"]["noise"], noisy_state(1)["params"]["noise"])
+    assert "checkpoint step 2" in caplog.text and "params/noise differs" in caplog.text
+
+
+def test_json_items_and_the_digest_itself_are_covered(tmp_path):
+    save_steps(tmp_path, [(1, 0.5), (2, 0.6), (3, 0.7)])
+    (tmp_path / "3" / "data_state" / "metadata").write_text('{"position": 33}')  # valid JSON, wrong value
+    (tmp_path / "2" / "digest" / "metadata").write_text("")  # the digest unreadable
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        step, _, data_state = ckpt.restore(make_state(0))
+    assert (step, data_state) == (1, {"position": 1})
+    save_steps(tmp_path / "again", [(1, 0.5), (2, 0.6)])
+    (tmp_path / "again" / "2" / "digest").rename(tmp_path / "again" / "digest-moved")  # the digest gone
+    with checkpoint.Checkpointer(tmp_path / "again") as ckpt:
+        assert ckpt.restore(make_state(0))[0] == 1
+
+
+def test_checkpoints_from_before_the_digest_restore_unverified(tmp_path, caplog):
+    """The layout the previous Checkpointer wrote: state, data_state and config, no digest."""
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(make_state(4)),
+                                                data_state=ocp.args.JsonSave({"position": 4}),
+                                                config=ocp.args.JsonSave(CONFIG)))
+    with caplog.at_level(logging.WARNING, logger="xfer"):
+        with checkpoint.Checkpointer(tmp_path) as ckpt:
+            step, state, data_state = ckpt.restore(make_state(0))
+        variables = checkpoint.read_variables(tmp_path)
+    assert (step, data_state) == (4, {"position": 4})
+    assert_state_equal(state, make_state(4))
+    np.testing.assert_array_equal(variables["params"]["classifier"]["kernel"], np.full((64, 2), 4.0))
+    assert caplog.text.count("has no digest") == 2 and "unverified" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "bool", "uint32", "float16"])
+def test_any_one_changed_element_changes_the_digest(dtype):
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((3, 5)) * 50
+    base = (values > 0) if dtype == "bool" else values.astype(jnp.dtype(dtype))
+    want = digest.arrays({"x": base})["x"]
+    for position in np.ndindex(base.shape):
+        changed = base.copy()
+        changed[position] = not changed[position] if dtype == "bool" else changed[position] + 1
+        assert digest.arrays({"x": changed})["x"] != want, position
+    swapped = base.copy().reshape(-1)
+    i, j = next((i, j) for i in range(base.size) for j in range(i) if swapped[i] != swapped[j])
+    swapped[[i, j]] = swapped[[j, i]]
+    assert digest.arrays({"x": swapped.reshape(base.shape)})["x"] != want
+    # On device as on the host, scalars too.
+    assert digest.arrays({"x": jnp.asarray(base)})["x"] == want
+    scalar = {"s": np.float32(1.5)}
+    assert digest.arrays(scalar) == digest.arrays({"s": jnp.float32(1.5)})
+
+
+SHARDED = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from xfer.checkpoint import digest
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    rng = np.random.default_rng(0)
+    host = {"f32": rng.standard_normal((8, 6, 4)).astype(np.float32),
+            "bf16": rng.standard_normal((8, 6, 4)).astype(jnp.bfloat16),
+            "i8": rng.integers(-100, 100, (8, 6, 4)).astype(np.int8),
+            "flag": rng.random((8, 6, 4)) > 0.5}
+    want = digest.arrays(host)
+    for spec in (P(), P("a"), P("b"), P(None, "b"), P("a", "b"), P(("a", "b")), P(None, None, "b"),
+                 P("b", None, None)):
+        tree = {k: jax.device_put(v, NamedSharding(mesh, spec)) for k, v in host.items()}
+        assert digest.arrays(tree) == want, spec
+    keys = jax.random.split(jax.random.key(0), 8)
+    sharded = digest.arrays({"k": jax.device_put(keys, NamedSharding(mesh, P("a")))})["k"]
+    on_host = digest.arrays({"k": np.asarray(jax.random.key_data(keys))})["k"]
+    assert sharded == on_host
+    print("same on", jax.device_count(), "devices")
+    """
+)
+
+
+def test_digests_are_the_same_for_every_sharding():
+    child = subprocess.run(
+        [sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300,
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "same on 8 devices" in child.stdout
+
+
+# --- Failed saves: one error that names the step, the directory and the cause; nothing hangs. ---
+
+
+def test_unwritable_directory_fails_the_save_at_once(tmp_path, monkeypatch):
+    """What `chmod -R a-w` does for a non-root user (tests run as root, where it would not)."""
+    save_steps(tmp_path, [(1, 0.5)])
+    real_mkdir = os.mkdir
+
+    def unwritable(path, *args, **kwargs):
+        if ".orbax-checkpoint-tmp" in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    started = time.monotonic()
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        monkeypatch.setattr(os, "mkdir", unwritable)
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            ckpt.save(2, make_state(2), {"position": 2}, CONFIG, {"eval_accuracy": 0.6})
+    assert time.monotonic() - started < 60  # the directory was created asynchronously: Orbax waited 5 minutes
+    assert str(info.value) == (
+        f"saving checkpoint 2 in {tmp_path} failed: [Errno 13] Permission denied; make it writable and rerun "
+        "to resume (or start over with another --workdir); checkpoint 1 is intact")
+    assert step_dirs(tmp_path) == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
+def fail_background_json_writes(monkeypatch):
+    """Every JSON item write in the background thread fails as on a full disk."""
+
+    async def full_disk(self, item, directory):
+        raise OSError(28, "No space left on device", str(directory))
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", full_disk)
+
+
+def test_failed_background_save_surfaces_at_the_next_save_and_is_cleaned_up(tmp_path, monkeypatch):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, make_state(1), {"position": 1}, CONFIG)
+        ckpt.wait()
+        with monkeypatch.context() as patch:
+            fail_background_json_writes(patch)
+            assert ckpt.save(2, make_state(2), {"position": 2}, CONFIG)  # started; fails in the background
+            while ckpt._manager.is_saving_in_progress():
+                time.sleep(0.01)
+        # The next save reports step 2's failure before writing anything of step 3.
+        with pytest.raises(checkpoint.CheckpointError, match=r"saving checkpoint 2 in .* failed: \[Errno 28\] "
+                                                             r"No space left on device; free space there .*"
+                                                             r"checkpoint 1 is intact"):
+            ckpt.save(3, make_state(3), {"position": 3}, CONFIG)
+        ckpt.wait()  # reported once: waiting and closing again do not raise it again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # the partial step 2 is removed
+
+
+def test_check_reports_a_failed_background_save_without_blocking(tmp_path, monkeypatch):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.check()  # nothing saved yet
+        fail_background_json_writes(monkeypatch)
+        ckpt.save(5, make_state(5), {"position": 5}, CONFIG)
+        deadline = time.monotonic() + 60
+        with pytest.raises(checkpoint.CheckpointError, match="saving checkpoint 5 .* no earlier checkpoint was saved"):
+            while time.monotonic() < deadline:
+                ckpt.check()
+                time.sleep(0.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+DISK_FULL = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp
+    from xfer import checkpoint
+    def state(words):
+        return {"params": {"w": jax.random.bits(jax.random.key(words), (words,), jnp.uint32)}}
+    ckpt = checkpoint.Checkpointer(sys.argv[1])
+    ckpt.save(1, state(256 * 1024), {"position": 1}, {})  # 1 MiB of incompressible bits
+    ckpt.wait()
+    try:
+        ckpt.save(2, state(1024 * 1024), {"position": 2}, {})  # 4 MiB: more than the disk has left
+        ckpt.wait()
+    except checkpoint.CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+    ckpt.close()
+    """
+)
+
+
+def test_full_disk_is_one_line_and_frees_the_partial_checkpoint(tmp_path):
+    """A real ENOSPC from tensorstore on a 3 MB tmpfs (needs root to mount one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", DISK_FULL, str(disk / "checkpoints")], capture_output=True, text=True,
+            timeout=300, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+        left = sorted(p.name for p in (disk / "checkpoints").iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    lines = child.stderr.strip().splitlines()
+    assert child.returncode == 0 and len(lines) == 1, child.stderr[-3000:]  # no Orbax or tensorstore tracebacks
+    assert lines[0].startswith(f"error: saving checkpoint 2 in {disk / 'checkpoints'} failed: [Errno 28] No space "
+                               "left on device; free space there"), lines[0]
+    assert lines[0].endswith("checkpoint 1 is intact")
+    assert left == ["1"]  # the partial step 2 no longer holds the disk
