@@ -3,15 +3,24 @@
 Override any config field from the command line (`--config.batch_size=32`);
 the config is locked, so a misspelt key is an error, not a silently ignored
 flag. Re-running with the same workdir and config resumes the run.
+
+A SIGTERM (a preemption notice) saves a checkpoint at the next step and exits
+0; a Ctrl-C does the same and exits 130, and a second Ctrl-C stops at once
+(xfer.preemption). Either way the same command resumes.
 """
 
 import logging
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from xfer import preemption  # JAX-free: a Ctrl-C during the slow imports below is one line, no traceback
 
-from xfer import cli
+if __name__ == "__main__":
+    preemption.stop_on_interrupt()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from xfer import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/quickstart.py.",
                                           lock_config=True)
@@ -29,17 +38,21 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # force: absl put its own handler (and its long line prefix) on the root logger already.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    cli.quiet_backend_probe()
     import jax  # after flag parsing: importing JAX is slow, --help should not be
-    from xfer import distributed, preemption, train
+    from xfer import distributed, train
 
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any device
         if jax.process_index() > 0:  # one copy of the progress lines, process 0's
             logging.getLogger().setLevel(logging.WARNING)
         preemption.listen()
-        train.run(_CONFIG.value, _WORKDIR.value)  # None when preempted: exit 0, and rerun to resume
+        summary = train.run(_CONFIG.value, _WORKDIR.value)
+        if summary is None:  # stopped at a boundary (SIGTERM: 0, Ctrl-C: 130); the same command resumes
+            sys.exit(preemption.exit_code())
     except cli.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -6,6 +6,7 @@ against torch's by index, independently of the conversion code.
 """
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,58 @@ def test_check_classifies_the_photos():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "chelsea: OK" in result.stdout and "coffee: OK" in result.stdout
     assert "espresso" in result.stdout
+
+
+# --- interrupted converts ----------------------------------------------------
+
+# `python -c SIGNALLING_CONVERT SIGNUM ARGS...`: `python -m xfer.weights ARGS...`, which signals itself as soon
+# as Orbax has started writing into the staging folder (its writer thread still running).
+SIGNALLING_CONVERT = """
+import os, runpy, sys
+import orbax.checkpoint as ocp
+
+signum = int(sys.argv.pop(1))
+save = ocp.StandardCheckpointer.save
+
+def save_then_signal(self, *args, **kwargs):
+    saved = save(self, *args, **kwargs)
+    os.kill(os.getpid(), signum)
+    return saved
+
+ocp.StandardCheckpointer.save = save_then_signal
+sys.argv[0] = "xfer.weights"
+runpy.run_module("xfer.weights", run_name="__main__", alter_sys=True)
+"""
+
+
+def convert_signalled(signum: int, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", SIGNALLING_CONVERT, str(int(signum)), "convert", "imagenet",
+                           "--model", "efficientnet_lite0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("signum, name, exit_code", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)])
+def test_an_interrupted_convert_removes_its_staging_folder(tmp_path, signum, name, exit_code):
+    result = convert_signalled(signum, tmp_path / "ported")
+    assert result.returncode == exit_code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == f"{name}: stopped; nothing was written"
+    assert list(tmp_path.iterdir()) == []  # neither --out nor its staging folder
+
+
+def test_a_later_convert_removes_staging_folders_that_sigkill_left(tmp_path):
+    killed = convert_signalled(signal.SIGKILL, tmp_path / "ported")
+    assert killed.returncode == -signal.SIGKILL
+    [left] = tmp_path.iterdir()
+    assert left.name.startswith(".ported.pid") and left.name.endswith(".partial")
+    # Staging folders a convert must not touch: a running one's (this process), another machine's.
+    running = tmp_path / f".other.pid{os.getpid()}-{left.name.split('-', 1)[1]}"
+    elsewhere = tmp_path / ".other.pid1-another_host.abc123.partial"
+    for folder in (running, elsewhere):
+        folder.mkdir()
+
+    result = run_cli("convert", "imagenet", "--model", "efficientnet_lite0", "--out", tmp_path / "ported")
+    assert result.returncode == 0, result.stderr
+    assert f"removed {left}, the staging folder of an interrupted convert" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ported", running.name, elsewhere.name])

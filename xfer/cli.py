@@ -5,6 +5,7 @@ Kept free of JAX imports, so `--help` and flag errors stay instant.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import sys
 
@@ -51,3 +52,25 @@ def _flag_error(error: BaseException, argv) -> str:
     if "Traceback (most recent call last):" in lines:  # get_config raised: keep what and where it said
         lines = lines[:lines.index("Traceback (most recent call last):")] + lines[-1:]
     return " ".join(lines)
+
+
+class _NoMissingPluginNotes(logging.Filter):
+    """Drops JAX's note that an optional backend's library is not installed.
+
+    Choosing a backend, JAX tries each one it knows and logs (INFO) why one could
+    not start: on a machine without TPUs `Unable to initialize backend 'tpu': ...
+    libtpu.so: cannot open shared object file`, the first line of every run,
+    though nothing is wrong. Only that case goes: a backend that is installed but
+    fails (a TPU held by another process, a driver mismatch) is still logged, and
+    JAX's own warnings (an accelerator present but unusable) are untouched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (record.levelno < logging.WARNING and message.startswith("Unable to initialize backend")
+                    and "cannot open shared object file" in message)
+
+
+def quiet_backend_probe() -> None:
+    """Keeps JAX's backend-probe notes about uninstalled plugins out of the output (before JAX starts)."""
+    logging.getLogger("jax._src.xla_bridge").addFilter(_NoMissingPluginNotes())

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xfer import norms, partition
+from xfer import norms, partition, preemption
 
 log = logging.getLogger("xfer")
 
@@ -40,6 +40,10 @@ _AUTO_MAX_DEPTH = 2  # '_blocks/12', 'layer3', 'classifier/3': cuts that end a w
 
 class FeatureCacheError(ValueError):
     """The requested cut point is not a frozen prefix of the network, or caching cannot apply."""
+
+
+class FeatureCacheWriteError(OSError):
+    """The cache file could not be written (a full disk, a read-only workdir); it names the file."""
 
 
 def substituted(cut: str, features):
@@ -162,7 +166,11 @@ def make_feature_step(model, cut: str, mesh):
 
 
 def compute(feature_step, params, batch_stats, batches, count: int, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of `count` examples, placed by each batch's "index", from one pass."""
+    """(features, labels) of `count` examples, placed by each batch's "index", from one pass.
+
+    Each batch ends at a preemption boundary: a SIGTERM or Ctrl-C stops the pass there
+    (`preemption.Preempted`, on every process at the same batch), and nothing is written.
+    """
     from xfer import step as step_lib  # the step module imports this one
 
     features = labels = None
@@ -177,6 +185,7 @@ def compute(feature_step, params, batch_stats, batches, count: int, mesh) -> tup
         features[index[keep]] = out[keep]
         labels[index[keep]] = label[keep]
         filled += int(keep.sum())
+        preemption.raise_if_reached()
     if filled != count:
         raise FeatureCacheError(f"the feature pass saw {filled} examples, expected {count}")
     return features, labels
@@ -185,8 +194,10 @@ def compute(feature_step, params, batch_stats, batches, count: int, mesh) -> tup
 def cached_features(workdir: Path, key: dict, build) -> tuple[np.ndarray, np.ndarray]:
     """`build()`'s (features, labels), saved under `workdir/feature_cache`, reused when `key` matches.
 
-    Only process 0 writes; the file is written whole then renamed, so a
-    killed run never leaves a partial cache that a resumed run would trust.
+    Only process 0 writes; the file is written whole beside its name, then
+    renamed, so a killed run never leaves a partial cache that a resumed run
+    would trust. The temporary file goes whenever the write fails or is
+    interrupted; one a SIGKILL left behind is removed by the next attempt.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = workdir / "feature_cache" / f"{key['split']}-{digest}.npz"
@@ -194,14 +205,29 @@ def cached_features(workdir: Path, key: dict, build) -> tuple[np.ndarray, np.nda
         with np.load(path) as saved:
             log.info("feature cache: loaded %s", path)
             return saved["features"], saved["labels"]
+    tmp = path.with_name(path.name + ".tmp.npz")
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        tmp.unlink(missing_ok=True)  # a killed run's partial file: free its space before the pass
     features, labels = build()
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, features=features, labels=labels)
-        tmp.rename(path)
+    if is_writer:
+        _write(path, tmp, features, labels)
         log.info("feature cache: wrote %s (%.1f MiB)", path, features.nbytes / 2**20)
     return features, labels
+
+
+def _write(path: Path, tmp: Path, features: np.ndarray, labels: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with preemption.scratch(tmp):
+            np.savez(tmp, features=features, labels=labels)
+            with preemption.uninterruptible():
+                tmp.rename(path)
+    except OSError as error:
+        mib = (features.nbytes + labels.nbytes) / 2**20
+        message = (f"could not write the feature cache {path} ({mib:.1f} MiB): "
+                   f"{error.strerror or error}; free space there (or fix the workdir) and rerun the same command")
+        raise FeatureCacheWriteError(*((error.errno, message) if error.errno else (message,))) from None
 
 
 def model_inputs(batch, cut: str | None, image_size: int):

@@ -10,8 +10,10 @@ how the tests (and anyone without a pod) check that a multi-host run computes
 what a single process does.
 
 Every output line is prefixed with its process's rank. SIGTERM and SIGINT are
-forwarded to every process, so a preemption drill works as on a pod. If one
-process fails the others are killed (they would otherwise wait forever in a
+forwarded to every process, so a preemption drill works as on a pod; after a
+Ctrl-C the processes stop together at a step boundary (xfer.preemption) and
+exit 130, which is then their way of finishing, not a failure. If one process
+fails the others are killed (they would otherwise wait forever in a
 collective), and the exit code is the first non-zero one. The processes die
 with this launcher, even if it is killed outright (Linux).
 """
@@ -33,6 +35,7 @@ from xfer import distributed
 
 _PR_SET_PDEATHSIG = 1
 _POLL_SECONDS = 0.1
+_INTERRUPTED = 130  # a process's exit code after a Ctrl-C (xfer.preemption)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,14 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pipe in pipes:
         pipe.start()
 
+    interrupted = threading.Event()
+
     def forward(signum, frame):
+        if signum == signal.SIGINT:
+            interrupted.set()
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        exit_code = _wait(children)
+        exit_code = _wait(children, interrupted)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -110,17 +117,19 @@ def _prefix_lines(stream: IO[bytes], out: IO[bytes], rank: int) -> None:
         out.flush()
 
 
-def _wait(children: Sequence[subprocess.Popen]) -> int:
-    """0 once every process exited 0; else the first non-zero exit code, as soon as it occurs."""
+def _wait(children: Sequence[subprocess.Popen], interrupted: threading.Event) -> int:
+    """0 once every process exited 0 (or, after a Ctrl-C, 130 once every one exited 0 or 130); else
+    the first other exit code, as soon as it occurs."""
     while True:
+        finished = (0, _INTERRUPTED) if interrupted.is_set() else (0,)
         codes = [child.poll() for child in children]
-        failed = next((code for code in codes if code not in (None, 0)), None)
+        failed = next((code for code in codes if code is not None and code not in finished), None)
         if failed is not None:
             rank = codes.index(failed)
             print(f"[launcher] process {rank} exited with {failed}; stopping the others", file=sys.stderr)
             return failed if failed > 0 else 128 - failed  # killed by signal s: the shell's 128+s
-        if all(code == 0 for code in codes):
-            return 0
+        if all(code is not None for code in codes):
+            return max(codes)
         time.sleep(_POLL_SECONDS)
 
 

@@ -7,8 +7,11 @@
 A port that goes wrong is nearly always the input's fault (a file for another
 architecture, a truncated download, no internet), so those errors end in one
 `error:` line saying what to fix, with exit code 2, never a traceback. An
-output directory appears whole or not at all: it is written beside its final
-name and renamed last.
+output directory appears whole or not at all: it is written into a hidden
+staging folder beside it (`.NAME.pid<PID>-<HOST>.<random>.partial`) and renamed
+last. Ctrl-C or SIGTERM removes the staging folder and exits at once (130 or
+143, one line); one that a SIGKILL left behind is removed by the next convert
+into the same folder, once its process is gone.
 """
 
 from __future__ import annotations
@@ -16,20 +19,28 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.resources
+import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
+from xfer import preemption  # JAX-free
 
-from xfer import models
-from xfer.weights import (CheckpointFormatError, PortReport, UnsafeCheckpointError, WeightMismatchError,
-                          initialise_new, load, read, sources)
-from xfer.weights.convert import format_shape
+if __name__ == "__main__":  # before the slow imports: a Ctrl-C is one line, never a traceback
+    preemption.stop_on_interrupt("stopped; nothing was written", terminate=True)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from xfer import models  # noqa: E402
+from xfer.weights import (CheckpointFormatError, PortReport, UnsafeCheckpointError,  # noqa: E402
+                          WeightMismatchError, initialise_new, load, read, sources)
+from xfer.weights.convert import format_shape  # noqa: E402
 
 # What bad input raises; anything else is a bug and keeps its traceback.
 _USER_ERRORS = (WeightMismatchError, CheckpointFormatError, UnsafeCheckpointError, ValueError,
@@ -122,12 +133,44 @@ def _ported_variables(source: str, model_name: str, num_classes: int = 1000) -> 
 def _write_atomically(out: Path, write) -> None:
     """Has `write(path)` create a sibling of `out`, then renames it to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    _remove_stale_staging(out.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_staging_owner()}.", suffix=_STAGING_SUFFIX,
+                                    dir=out.parent))
+    with preemption.scratch(staging):  # removed however this ends, a Ctrl-C or SIGTERM included
         write(staging / out.name)
-        (staging / out.name).rename(out)  # replaces an empty directory, refuses a full one
-    finally:
-        shutil.rmtree(staging)
+        with preemption.uninterruptible():  # a stop now waits, so it cannot remove what becomes `out`
+            (staging / out.name).rename(out)  # replaces an empty directory, refuses a full one
+
+
+_STAGING_SUFFIX = ".partial"
+# .NAME.pid<PID>-<HOST>.<mkdtemp's random letters, digits and _>.partial
+_STAGING_NAME = re.compile(r"\..+\.pid(?P<pid>\d+)-(?P<host>[A-Za-z0-9_-]*)\.[a-z0-9_]+" + re.escape(_STAGING_SUFFIX))
+
+
+def _staging_owner(pid: int | None = None) -> str:
+    """`pid<PID>-<HOST>`: which process on which machine writes a staging folder."""
+    return f"pid{os.getpid() if pid is None else pid}-{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}"
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    """Removes the staging folders in `parent` of converts on this machine whose process is gone."""
+    host = _staging_owner().partition("-")[2]
+    for path in parent.glob(f".*{_STAGING_SUFFIX}"):
+        match = _STAGING_NAME.fullmatch(path.name)
+        if not match or match["host"] != host or _alive(int(match["pid"])) or not path.is_dir():
+            continue  # another machine's (on a shared disk), a running convert's, or not ours
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"removed {path}, the staging folder of an interrupted convert (process {match['pid']}, gone)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_orbax(variables: dict, path: Path) -> None:
