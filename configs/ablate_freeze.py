@@ -76,6 +76,9 @@ def get_config(arg: str = ""):
     config.num_epochs = 0
     config.total_steps = 60  # 1.3 epochs of digits: enough to rank the masks, not to finish training
     config.seed = 0
+    # A step with a non-finite loss or gradient changes nothing; "stop" ends the run there (the last
+    # good checkpoint kept), "skip" leaves such steps out and counts them.
+    config.nan_policy = "stop"
     config.log_every = 20
     config.eval_every = 60
     config.checkpoint = ml_collections.ConfigDict({"every": 60, "keep_latest": 1, "keep_best": 1})

@@ -43,6 +43,9 @@ def get_config():
     config.num_epochs = 8
     config.total_steps = 0  # > 0 overrides num_epochs
     config.seed = 0
+    # A step with a non-finite loss or gradient changes nothing; "stop" ends the run there (the last
+    # good checkpoint kept), "skip" leaves such steps out and counts them.
+    config.nan_policy = "stop"
     config.log_every = 20
     config.eval_every = 100
     config.checkpoint = ml_collections.ConfigDict({"every": 100, "keep_latest": 2, "keep_best": 1})

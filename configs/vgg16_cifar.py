@@ -51,6 +51,9 @@ def get_config(arg: str = ""):
     config.num_epochs = 3
     config.total_steps = 0  # > 0 overrides num_epochs
     config.seed = 0
+    # A step with a non-finite loss or gradient changes nothing; "stop" ends the run there (the last
+    # good checkpoint kept), "skip" leaves such steps out and counts them.
+    config.nan_policy = "stop"
     config.log_every = 50
     config.eval_every = 782  # once an epoch
     config.checkpoint = ml_collections.ConfigDict({"every": 500, "keep_latest": 3, "keep_best": 1})

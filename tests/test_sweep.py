@@ -19,10 +19,13 @@ from pathlib import Path
 
 import ml_collections
 import pytest
+import tensorflow_datasets as tfds
 from absl import flags
 from ml_collections import config_flags
+from PIL import Image
 
-from xfer import sweep, train
+from xfer import sweep
+from xfer import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/ablate_freeze.py"
@@ -58,12 +61,32 @@ def test_grid_is_the_product_in_sorted_field_order_with_named_workdirs():
 @pytest.mark.parametrize("arg, model, runs", [
     ("", "efficientnet_lite0", 14),
     ("model=resnet50,data=cifar10", "resnet50", 14),
-    ("model=vgg16,data=folder:/data/x,res=64", "vgg16", 12),  # no norm_only: VGG16 has no BatchNorm
+    ("model=vgg16,data=folder:{images},res=64", "vgg16", 12),  # no norm_only: VGG16 has no BatchNorm
 ])
-def test_ablate_config_arguments_give_grids_whose_presets_fit_the_model(arg, model, runs, tmp_path):
-    grid = sweep.grid(ablate_config(arg))
-    sweep.check(grid, tmp_path)
+def test_ablate_config_arguments_give_grids_whose_runs_all_set_up(arg, model, runs, tmp_path):
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "images" / split / name / "0.png")
+    grid = sweep.grid(ablate_config(arg.format(images=tmp_path / "images")))
+    with tfds.testing.mock_data(num_examples=20):  # every run's data is built: CIFAR-10 is not here
+        sweep.check(grid, tmp_path / "sweep")
     assert len(grid) == runs and grid[0].config.model.name == model
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_run_the_grid_cannot_set_up_fails_the_sweep_before_the_first_run(tmp_path):
+    """linear_probe trains no backbone, so only the second run meets the backbone's warmup."""
+    workdir = tmp_path / "sweep"
+    result = subprocess.run([*sweep_command("--config.total_steps=10", "--config.sweep.seed=(0,)",
+                                            "--config.sweep.partition=('linear_probe', 'bias_only')"),
+                             f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: run partition=bias_only,seed=0: config.optim.backbone.warmup_steps=10 leaves no steps of the 10 "
+        "total for the schedule; lower warmup_steps")
+    assert "sweep run" not in result.stderr
+    assert not workdir.exists()
     with pytest.raises(ValueError, match=r"bad argument 'modle=vgg16'; write key=value with key one of model"):
         ablate_config("modle=vgg16")
 
@@ -85,7 +108,8 @@ def test_bad_grids_are_one_line_errors_before_anything_runs(grid, message):
 
 
 def test_printed_commands_load_in_launch_py_as_the_runs_the_sweep_would_run(tmp_path, monkeypatch):
-    args = ("--config.total_steps=7", "--config.seed", "5", "--config.sweep.seed=(0, 1)",
+    args = ("--config.total_steps=7", "--config.optim.backbone.warmup_steps=0", "--config.seed", "5",
+            "--config.sweep.seed=(0, 1)",
             "--config.sweep.partition=('full', 'last_k:2')")
     result = subprocess.run([*sweep_command(*args), f"--workdir={tmp_path}", "--print_commands"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -94,6 +118,7 @@ def test_printed_commands_load_in_launch_py_as_the_runs_the_sweep_would_run(tmp_
     config = ablate_config()
     with config.unlocked():
         config.total_steps = 7
+        config.optim.backbone.warmup_steps = 0
         config.sweep = ml_collections.ConfigDict({"partition": ("full", "last_k:2"), "seed": (0, 1)})
     runs = sweep.grid(config)
     assert len(printed) == len(runs) == 4
@@ -103,7 +128,7 @@ def test_printed_commands_load_in_launch_py_as_the_runs_the_sweep_would_run(tmp_
         argv = shlex.split(command)
         assert argv[:2] == ["python", "launch.py"]
         launched, workdir = launch_py_flags(argv[1:])
-        assert train.config_as_json(launched) == train.config_as_json(run.config)
+        assert workdir_lib.config_as_json(launched) == workdir_lib.config_as_json(run.config)
         assert workdir == str(tmp_path / run.name)
 
 

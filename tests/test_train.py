@@ -39,6 +39,7 @@ from flax import traverse_util
 from PIL import Image
 
 from xfer import checkpoint, optim, step as step_lib, train
+from xfer import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -89,11 +90,14 @@ def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def snapshot(path: Path) -> dict | None:
-    """Every entry under `path` with its kind, size and mtime; None if `path` does not exist."""
+    """Every entry under `path` with its kind, size and mtime; None if `path` does not exist.
+
+    The workdir's lock file is left out: every start that gets as far as the lock writes its pid there.
+    """
     if not path.exists():
         return None
     return {str(p.relative_to(path)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in [path, *path.rglob("*")]}
+            for p in [path, *path.rglob("*")] if p.name != workdir_lib.LOCK_FILE}
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -202,6 +206,7 @@ def _run_capturing_states(config, workdir):
             new_state, metrics = train_step(state, batch)
             states[1:] = [jax.tree.map(np.array, new_state)]
             return new_state, metrics
+        spied.lower = train_step.lower  # the trainer compiles the step ahead, to check its memory
         return spied
 
     make_train_step = step_lib.make_train_step
@@ -299,7 +304,15 @@ def test_init_from_a_run_starts_from_its_final_variables(run_a, run_b):
      "error: 6 parameters match no partition rule (_bn0/bias, _bn0/scale, _bn1/bias, ...)"),
     (("--config.data.source=folder", "--config.data.path=/nonexistent"),
      "error: image folder /nonexistent does not exist"),
-], ids=["config_key_typo", "rule_matches_nothing", "parameter_uncovered", "missing_image_folder"])
+    (("--config.log_every=0",), "error: config.log_every=0; it must be a whole number >= 1"),
+    (("--config.checkpoint.keep_latest=0",), "error: config.checkpoint.keep_latest=0; it must be a whole number >= 1"),
+    (("--config.optim.head.lr=-1",), "error: config.optim.head.lr=-1.0; it must be a finite number > 0"),
+    (("--config.optim.head.lr=nan",), "error: config.optim.head.lr=nan; it must be a finite number > 0"),
+    (("--config.nan_policy=ignore",), "error: config.nan_policy='ignore'; choose 'stop'"),
+    # XLA's own estimate of the step (~1.2 TiB at batch 16) against the machine's memory, before any work.
+    (("--config.data.image_size=20000", "--config.feature_cache="), "error: this run needs ~"),
+], ids=["config_key_typo", "rule_matches_nothing", "parameter_uncovered", "missing_image_folder", "log_every_0",
+        "keep_latest_0", "negative_lr", "nan_lr", "unknown_nan_policy", "image_too_large_for_memory"])
 def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, args, expected):
     workdir = tmp_path / "run"
     message = assert_one_error_line(launch(*QUICK_ARGS, *args, workdir=workdir))
@@ -343,6 +356,8 @@ def test_corrupt_image_is_named_and_a_fixed_rerun_of_the_fresh_workdir_works(fol
     assert {"config.json", "metrics.jsonl"} <= set(folder_run["after_failure"])
     assert not [path for path in folder_run["after_failure"] if path.startswith("checkpoints/")]
     assert_ok(folder_run["rerun"])
+    assert "holds this run's config but no checkpoint (an earlier attempt stopped before its first save): " \
+           "training from step 0" in folder_run["rerun"].stderr
     assert json.loads((folder_run["workdir"] / "summary.json").read_text())["steps"] == 2
     # The rerun started over and reported every step once, whatever the failed attempt had logged.
     assert [r["step"] for r in metrics_rows(folder_run["workdir"]) if r["split"] == "train"] == [1, 2]

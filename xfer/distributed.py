@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
+
 log = logging.getLogger("xfer")
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # JAX reads it too
@@ -54,6 +56,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     log.info("joined a job of %d processes as process %d (%s)", jax.process_count(), jax.process_index(),
              f"detected: {cluster.__name__}" if cluster else f"coordinator {coordinator_address}")
+
+
+def process_zero_agrees(ok: bool) -> bool:
+    """Process 0's `ok` on every process: for what only process 0 checks (the workdir lock), so that a
+    refusal stops the whole job instead of leaving the other processes waiting in a collective."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
 
 
 def _from_env(value: int | None, name: str) -> int | None:

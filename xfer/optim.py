@@ -31,6 +31,7 @@ can be overridden from the command line under `lock_config`):
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -147,6 +148,24 @@ def _check_values(group: str, spec: Mapping[str, Any]) -> None:
             f"{where}: momentum and nesterov apply to optimizer 'sgd' only, not {spec['optimizer']!r}; unset them")
     if spec["nesterov"] and not spec["momentum"]:
         raise OptimConfigError(f"{where}.nesterov needs momentum > 0; set {where}.momentum")
+    # A value no optimizer can use would train silently wrong: lr=-1 is gradient ascent, lr=nan NaN.
+    _check_number(f"{where}.lr", spec["lr"], "label the group 'frozen' to train nothing", above=0.0)
+    _check_number(f"{where}.momentum", spec["momentum"], "0 is plain SGD", at_least=0.0, below=1.0)
+    _check_number(f"{where}.weight_decay", spec["weight_decay"], "0 is off", at_least=0.0)
+    _check_number(f"{where}.clip_norm", spec["clip_norm"], "0 is off", at_least=0.0)
+    warmup = spec["warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise OptimConfigError(f"{where}.warmup_steps={warmup!r}; it must be a whole number >= 0")
+
+
+def _check_number(field: str, value, hint: str, *, above: float | None = None, at_least: float | None = None,
+                  below: float = math.inf) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (above is None or value > above) and (at_least is None or value >= at_least) and value < below)
+    if not ok:
+        bounds = ([f"> {above:g}"] if above is not None else []) + (
+            [f">= {at_least:g}"] if at_least is not None else []) + ([f"< {below:g}"] if below < math.inf else [])
+        raise OptimConfigError(f"{field}={value!r}; it must be a finite number {' and '.join(bounds)} ({hint})")
 
 
 def _group_transform(group: str, spec: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:

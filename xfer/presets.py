@@ -76,14 +76,6 @@ def parse(setting) -> Preset | None:
     return Preset(LAST_K, int(k))
 
 
-def check(setting, model_name: str) -> None:
-    """Rejects a preset name or K the model cannot take, without building it: the sweep checks its grid
-    with this. A preset that selects nothing (norm_only on VGG16) is found by `resolve`, at the run's start."""
-    preset = parse(setting)
-    if preset is not None:
-        _check_k(preset, _preset_info(model_name))
-
-
 def resolve(setting, model_name: str, param_shapes) -> tuple[Sequence, str | None]:
     """(rules for `xfer.partition.labels`, init override): a preset expanded, explicit rules as given.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -122,8 +123,10 @@ class Reporter:
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=self._purge_step)
         for k, v in scalars.items():
             self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        # JSON has no NaN: a non-finite value (a step skipped under nan_policy 'skip') is written as null.
+        row = {k: v if math.isfinite(v) else None for k, v in scalars.items()}
         with open(self.workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+            f.write(json.dumps({"step": step, "split": prefix, **row}) + "\n")
 
     def write_file(self, name: str, text: str) -> None:
         """Atomically (write + rename), so a killed run leaves no half file."""

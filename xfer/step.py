@@ -95,7 +95,8 @@ def training_modes(running_stats_layers: frozenset[str], frozen_modules: frozens
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, mesh: Mesh,
                     running_stats_layers: frozenset[str], bn_cross_device: bool = True,
                     cut: str | None = None, image_size: int = 0) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated.
+    """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated. metrics["finite"] is
+    False for a step whose loss or gradients were not finite: it changed nothing but the step count.
 
     Under jit the batch is one global array, so BatchNorm statistics are over
     the global batch (cross-device) unless `bn_cross_device` is False. With a
@@ -122,13 +123,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = _keep_frozen(optax.apply_updates(state.params, updates), state.params, params_frozen)
+        grad_norm = optim.trainable_grad_norm(grads, labels)
+        # A non-finite loss or gradient leaves the state as it was (optax.apply_if_finite's rule), so
+        # a diverged step never reaches a checkpoint; the host decides to stop or skip (config.nan_policy).
+        # The select fuses into the update: no extra pass, and frozen leaves (n is o) are untouched.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, new_stats, opt_state),
+                            (state.params, state.batch_stats, state.opt_state))
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optim.trainable_grad_norm(grads, labels),
+            "grad_norm": grad_norm,
+            "finite": finite,
         }
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                                  opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=kept[0], batch_stats=kept[1], opt_state=kept[2])
         return new_state, metrics
 
     replicated = NamedSharding(mesh, P())

@@ -21,8 +21,9 @@ finishes only what is missing. Then `xfer.ablation` writes results.csv,
 results.md and results.png.
 
 Before anything runs or any directory is made, the whole grid is checked: each
-field exists, each value has the field's type, each partition preset fits the
-model, and a run's workdir that exists holds that run's config.
+field exists, each value has the field's type, every run's setup builds
+(`xfer.train.setup`: its numbers, data, model, partition and optimizer over its
+own step count), and a run's workdir that exists holds that run's config.
 
 `--print_commands` prints one launch.py command per run instead (for a
 cluster or a pod); those runs land in the same workdirs, so this command,
@@ -86,13 +87,14 @@ def run_name(values: dict[str, Any]) -> str:
 
 
 def check(runs: Sequence[Run], sweep_dir: Path) -> None:
-    """What would fail later, now: presets that do not fit a model, workdirs of another config."""
-    from xfer import presets, train  # JAX: imported when a grid is checked, not for --help
+    """What would fail later, now: every run's whole setup (numbers, data, model, partition, optimizer
+    over its own step count), and workdirs that hold another config."""
+    from xfer import train, workdir  # JAX: imported when a grid is checked, not for --help
 
     for run in runs:
         try:
-            presets.check(run.config.partition, run.config.model.name)
-            train.check_workdir(sweep_dir / run.name, train.config_as_json(run.config))
+            workdir.check(sweep_dir / run.name, workdir.config_as_json(run.config))
+            train.setup(run.config)
         except ValueError as error:
             raise SweepError(f"run {run.name}: {error}") from None
 
@@ -190,6 +192,9 @@ def _config_overrides(argv: Sequence[str]) -> list[str]:
 
 def _main() -> None:
     """The command line; flags are defined here, not on import, so tests and launch.py can import this."""
+    from xfer import preemption  # JAX-free
+
+    preemption.stop_on_interrupt()  # first: from here on a Ctrl-C is one line and exit 130, no traceback
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Path to a config with a `sweep` field, e.g. configs/ablate_freeze.py.", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", None, "Directory that gets one workdir per run and the results.")
@@ -200,8 +205,10 @@ def _main() -> None:
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        # force: absl put its own handler (and its long line prefix) on the root logger already.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
         logging.getLogger("absl").setLevel(logging.WARNING)
+        cli.quiet_backend_probe()
         sweep_dir = Path(workdir_flag.value).expanduser().absolute()
         try:
             runs = grid(config_flag.value)
@@ -212,12 +219,14 @@ def _main() -> None:
                 return
             import jax
 
-            from xfer import ablation, preemption
+            from xfer import ablation, workdir
 
             if not jax.config.jax_compilation_cache_dir:  # runs that differ in seed only compile once
                 jax.config.update("jax_compilation_cache_dir", str(sweep_dir / "jax_cache"))
             preemption.listen()
-            if run_all(runs, sweep_dir):
+            with workdir.lock(sweep_dir):  # one sweep at a time; each run also locks its own workdir
+                if not run_all(runs, sweep_dir):
+                    sys.exit(preemption.exit_code())  # stopped at a boundary: SIGTERM 0, Ctrl-C 130
                 ablation.write(runs, sweep_dir)
         except cli.USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)

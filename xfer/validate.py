@@ -1,0 +1,42 @@
+"""The run-level numbers of a config, checked before anything is built or any workdir touched.
+
+A value no run can use (`log_every=0`, `keep_latest=0`, a negative step count)
+would otherwise surface deep inside the loop as a ZeroDivisionError, or after
+the workdir was claimed. Each field's owner checks its own values as it reads
+them: `xfer.data.settings` the data fields, `xfer.optim` each group's
+learning rate, momentum and decay; this module checks the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+NAN_POLICIES = ("stop", "skip")
+_MAX_SEED = 2**32 - 1  # jax.random.PRNGKey and grain's seeds are 32-bit
+
+
+def check(config) -> None:
+    """Raises ValueError naming the first field whose value no run can use, and the fix."""
+    _at_least("batch_size", config.batch_size, 1, "the global batch, in examples")
+    _at_least("total_steps", config.total_steps, 0, "0 to train config.num_epochs epochs")
+    if not (isinstance(config.num_epochs, (int, float)) and math.isfinite(config.num_epochs)
+            and config.num_epochs >= 0):
+        raise ValueError(f"config.num_epochs={config.num_epochs!r}; it must be a finite number >= 0")
+    if config.total_steps == 0 and config.num_epochs == 0:
+        raise ValueError("config.total_steps and config.num_epochs are both 0; set one of them to a positive number")
+    _at_least("seed", config.seed, 0, f"and at most {_MAX_SEED}")
+    if config.seed > _MAX_SEED:
+        raise ValueError(f"config.seed={config.seed}; it must be a whole number in 0..{_MAX_SEED}")
+    _at_least("log_every", config.log_every, 1, "log every N steps")
+    _at_least("eval_every", config.eval_every, 1, "evaluate every N steps")
+    _at_least("checkpoint.every", config.checkpoint.every, 1, "save every N steps")
+    _at_least("checkpoint.keep_latest", config.checkpoint.keep_latest, 1, "a resume needs the newest")
+    _at_least("checkpoint.keep_best", config.checkpoint.keep_best, 0, "0 keeps no best checkpoints")
+    if config.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"config.nan_policy={config.nan_policy!r}; choose 'stop' (end the run at a non-finite "
+                         "loss, keeping the last good checkpoint) or 'skip' (leave such steps out)")
+
+
+def _at_least(field: str, value, minimum: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.{field}={value!r}; it must be a whole number >= {minimum} ({meaning})")
