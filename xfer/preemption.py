@@ -49,6 +49,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -223,19 +224,29 @@ def _on_signal(signum: int) -> None:
 
 def _exit_now(message: str, code: int) -> None:
     _lock.acquire()  # never released: from here on nothing is renamed into place
+    stderr = 2
+    with contextlib.suppress(OSError):  # the writers losing their files as they are removed must not speak
+        stderr = os.dup(2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     for path in _scratch:
         _remove(path)
     with contextlib.suppress(OSError):  # a closed stderr must not keep the process alive
-        os.write(2, (message + "\n").encode())
+        os.write(stderr, (message + "\n").encode())
     os._exit(code)
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
+    """Removes `path` until it stays gone: a background writer (Orbax's save thread, at a stop at once)
+    may still be creating files in it, so one pass can leave it half there."""
+    for _ in range(20):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        time.sleep(0.05)
+        if not path.exists() and not path.is_symlink():
+            return
 
 
 def _forget_in_child() -> None:
