@@ -388,3 +388,11 @@ def test_init_from_a_run_with_another_class_count_gets_a_new_head(folder_run, ru
                 assert ended[path].shape[-1] == 2, path
             else:
                 assert np.array_equal(source[path], ended[path]), f"{collection}/{path}"
+
+
+def test_a_batch_larger_than_the_training_set_is_a_warning(caplog):
+    config = _lite0_config(HEAD_ONLY, seed=0)
+    config.batch_size = 2048
+    with caplog.at_level(logging.WARNING, logger="xfer"):
+        train.setup(config)
+    assert "config.batch_size=2048 is larger than the 1437 training examples" in caplog.text
