@@ -67,6 +67,14 @@ class Setup:
     init: str  # config.init, or the preset's override ("scratch")
 
 
+class Steps(NamedTuple):
+    """A run's jitted programs, compiled once by `_compile`."""
+
+    train: Callable  # xfer.step.make_train_step's
+    eval: Callable
+    features: Callable | None  # xfer.feature_cache.make_feature_step's, with a cut
+
+
 def setup(config: ml_collections.ConfigDict) -> Setup:
     """Checks and builds a run's parts from shapes alone; raises on anything no run could use."""
     validate.check(config)
@@ -218,12 +226,6 @@ def _loop(plan: Setup, state, data, start: int, steps: Steps, ckpt, reporter: Re
             return None
     seconds_per_step = clock.seconds_per_step(state, total_steps)
     return state, eval_metrics, seconds_per_step, skipped
-
-
-class Steps(NamedTuple):
-    train: Callable  # xfer.step.make_train_step's
-    eval: Callable
-    features: Callable | None  # xfer.feature_cache.make_feature_step's, with a cut
 
 
 def _compile(plan: Setup, mesh) -> Steps:
