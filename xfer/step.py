@@ -126,7 +126,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
         grad_norm = optim.trainable_grad_norm(grads, labels)
         # A non-finite loss or gradient leaves the state as it was (optax.apply_if_finite's rule), so
         # a diverged step never reaches a checkpoint; the host decides to stop or skip (config.nan_policy).
-        # The select fuses into the update: no extra pass, and frozen leaves (n is o) are untouched.
+        # The select fuses into the update, and frozen leaves (n is o) are untouched: Lite0 fully fine-tuned
+        # at 96 px, batch 32, Adam, 1538 vs 1512 ms a step without it (medians of 3 alternating runs, 2 CPUs).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, new_stats, opt_state),
                             (state.params, state.batch_stats, state.opt_state))
