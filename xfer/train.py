@@ -251,9 +251,9 @@ def _compile(plan: Setup, mesh) -> Steps:
         feature_step = feature_cache.make_feature_step(plan.model, plan.cut, mesh)
         pass_batch = placed({"image": images, "label": labels, "index": labels,
                              "mask": jax.ShapeDtypeStruct((batch,), jnp.float32)}, split)
-        device_bytes["the feature pass"] = memory.program_bytes(
-            feature_step.lower(state.params, state.batch_stats, pass_batch).compile())
-        features = jax.eval_shape(feature_step, state.params, state.batch_stats, pass_batch)[0]
+        lowered = feature_step.lower(state.params, state.batch_stats, pass_batch)
+        device_bytes["the feature pass"] = memory.program_bytes(lowered.compile())
+        features = lowered.out_info[0]  # the cut's output: the shape of the cache's rows
         row_bytes = math.prod(features.shape[1:]) * features.dtype.itemsize
         host_bytes += (data.num_train + data.num_eval) * row_bytes  # the cache, held in host memory
         images = jax.ShapeDtypeStruct(features.shape, features.dtype)
