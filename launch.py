@@ -6,13 +6,13 @@ flag. Re-running with the same workdir and config resumes the run.
 
 A SIGTERM (a preemption notice) saves a checkpoint at the next step and exits
 0; a Ctrl-C does the same and exits 130, and a second Ctrl-C stops at once
-(xfer.preemption). Either way the same command resumes.
+(xfer.scaling.preemption). Either way the same command resumes.
 """
 
 import logging
 import sys
 
-from xfer import preemption  # JAX-free: a Ctrl-C during the slow imports below is one line, no traceback
+from xfer.scaling import preemption  # JAX-free: a Ctrl-C during the slow imports below is one line, no traceback
 
 if __name__ == "__main__":
     preemption.stop_on_interrupt()
@@ -26,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
 flags.mark_flags_as_required(["config", "workdir"])
-# A manual multi-process launch; TPU pods, SLURM and Kubernetes are detected without them (xfer/distributed.py).
+# A manual multi-process launch; TPU pods, SLURM and Kubernetes are detected without them (xfer/scaling/distributed.py).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, the same for every process (env JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (env XFER_NUM_PROCESSES); "
@@ -43,7 +43,8 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     cli.quiet_backend_probe()
     import jax  # after flag parsing: importing JAX is slow, --help should not be
-    from xfer import distributed, train
+    from xfer.scaling import distributed
+    from xfer.training import train
 
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any device

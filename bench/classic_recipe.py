@@ -11,9 +11,9 @@ excluded on both sides). Both models train with dropout on, as `model.train()` d
 
 PyTorch runs torch's recipe: `requires_grad = False` on `model.features`, `torch.optim.SGD` over
 the parameters that require grad. xfer runs the library path a config takes: `xfer.models.build`,
-`xfer.partition.labels` with the rules `(("^features/", "frozen"), ("^classifier/", "classifier"))`
-(one group `(".*", "all")` for full), `xfer.optim.build`, `xfer.step.make_train_step` (jitted,
-state donated), one global batch through `xfer.step.global_batch`.
+`xfer.learning.partition.labels` with the rules `(("^features/", "frozen"), ("^classifier/", "classifier"))`
+(one group `(".*", "all")` for full), `xfer.learning.optim.build`, `xfer.training.step.make_train_step` (jitted,
+state donated), one global batch through `xfer.training.step.global_batch`.
 
 Warm-up steps (compilation, oneDNN primitive creation) are excluded. Then timed windows alternate
 torch / xfer / torch / xfer ... in this one process, so both sides see the same machine load; each
@@ -109,7 +109,11 @@ def xfer_setup(size: int, mode: str, images, labels):
     import jax.numpy as jnp
     import ml_collections
 
-    from xfer import models, optim, step as step_lib, train
+    from xfer import models
+
+    from xfer.learning import optim
+
+    from xfer.training import step as step_lib, train
 
     model = models.build("vgg16", num_classes=NUM_CLASSES)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
@@ -125,8 +129,8 @@ def xfer_setup(size: int, mode: str, images, labels):
 
 
 def xfer_step(size: int, mode: str, images, labels, info: dict | None = None):
-    """`xfer.step.make_train_step` as `xfer.train.run` builds it; returns (step, sync)."""
-    from xfer import step as step_lib
+    """`xfer.training.step.make_train_step` as `xfer.training.train.run` builds it; returns (step, sync)."""
+    from xfer.training import step as step_lib
 
     model, tx, params_labels, state, batch, mesh, running = xfer_setup(size, mode, images, labels)
     train_step = step_lib.make_train_step(model, tx, params_labels, mesh, running)

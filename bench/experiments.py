@@ -5,7 +5,7 @@
     python bench/experiments.py flags   [--size 32] [--mode frozen]  # one subprocess per XLA flag set
 
 `variants` times, in one process and in alternating windows, torch's step, the library's step
-(`xfer.step.make_train_step` on `xfer.models.build('vgg16')`) and the same library step on
+(`xfer.training.step.make_train_step` on `xfer.models.build('vgg16')`) and the same library step on
 `bench/variants.py` models (same parameters, other lowerings), plus a step without donation.
 `flags` reruns bench/classic_recipe.py in a subprocess per XLA flag set (flags must be set before
 jax is imported), alternating the sets; each run's own xfer/torch ratio is the figure compared.
@@ -55,11 +55,11 @@ FLAG_SETS = {
 
 
 def build_step(name: str, size: int, mode: str, images, labels, donate: bool = True):
-    """(step, sync, compiled) for variant `name` through xfer.step.make_train_step."""
+    """(step, sync, compiled) for variant `name` through xfer.training.step.make_train_step."""
     import jax
     import jax.numpy as jnp
 
-    from xfer import step as step_lib
+    from xfer.training import step as step_lib
     import variants
 
     model, tx, params_labels, state, batch, mesh, running = cr.xfer_setup(size, mode, images, labels)

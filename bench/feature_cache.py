@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from configs import quickstart
-from xfer import train
+from xfer.training import train
 
 
 def _run(workdir: Path, steps: int, image_size: int, cache: str) -> tuple[dict, float]:

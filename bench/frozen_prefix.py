@@ -4,10 +4,10 @@ plus a train step of the rest.
     python bench/frozen_prefix.py                                              # Lite0, 96 px, batch 32
     python bench/frozen_prefix.py --model vgg16 --image_size 32 --batch 64 --presets linear_probe
 
-For each preset mask (xfer/presets.py), in this one process:
-  step    the train step xfer.train.run builds without a feature cache: images in, the frozen
+For each preset mask (xfer/learning/presets.py), in this one process:
+  step    the train step xfer.training.train.run builds without a feature cache: images in, the frozen
           prefix in inference mode, gradients only where the mask trains;
-  prefix  the forward pass of the frozen prefix up to its cut (`xfer.feature_cache`'s feature
+  prefix  the forward pass of the frozen prefix up to its cut (`xfer.training.feature_cache`'s feature
           pass, inference mode): the least any step must do with the frozen part;
   rest    the train step from the cut on, on that output (what runs on cached features);
   full    for scale, the step that trains every parameter.
@@ -50,7 +50,11 @@ class Programs:
         import ml_collections
         import numpy as np
 
-        from xfer import feature_cache, models, optim, partition, presets, step as step_lib, train
+        from xfer.training import feature_cache, step as step_lib, train
+
+        from xfer import models
+
+        from xfer.learning import optim, partition, presets
 
         size = images.shape[1]
         model = models.build(model_name, num_classes=10)

@@ -57,7 +57,9 @@ def main(argv=None):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from xfer import data as data_lib, feature_cache, models, step as step_lib, train
+    from xfer import data as data_lib, models
+
+    from xfer.training import feature_cache, step as step_lib, train
 
     info = models.info(args.model)
     data = data_lib.build(data_lib.config_dict(source="folder", path=args.data, image_size=args.image_size,

@@ -1,9 +1,9 @@
 r"""Which layers should I train? Seven freeze masks x two seeds, one command.
 
-    python -m xfer.sweep --config=configs/ablate_freeze.py --workdir=/tmp/xfer-ablate
+    python -m xfer.experiments.sweep --config=configs/ablate_freeze.py --workdir=/tmp/xfer-ablate
 
 Trains ImageNet EfficientNet-Lite0 on scikit-learn's digits (offline; 32 px, 60
-steps of 32) with each mask of `xfer.presets` and writes results.csv,
+steps of 32) with each mask of `xfer.learning.presets` and writes results.csv,
 results.md and results.png (accuracy vs trainable parameters) into the
 workdir. Measured 2026-11-29 with the command above, 8 min 29 s wall time on 2
 CPU cores shared with other jobs (7 min 29 s of CPU); eval accuracy over 360
@@ -16,7 +16,7 @@ held-out digits, mean ± std over seeds 0 and 1:
     norm_only     0.881 ± 0.024      54,826
     full          0.968 ± 0.014   3,383,818
     scratch       0.100 ± 0.004   3,383,818   (chance: random init, 60 steps; rerun with BatchNorm
-                                              on batch statistics, see xfer.presets.bn_rules)
+                                              on batch statistics, see xfer.learning.presets.bn_rules)
 
 Arguments, `--config=configs/ablate_freeze.py:key=value,...`:
   model=lite0|vgg16|resnet50        the backbone (default lite0; vgg16 and resnet50 read
@@ -29,7 +29,7 @@ Arguments, `--config=configs/ablate_freeze.py:key=value,...`:
 Change the grid from the command line (`--config.sweep.seed="(0, 1, 2)"`,
 `--config.sweep.partition="('full', 'last_k:2')"`) or sweep more fields by adding
 them to `config.sweep` below; any other field takes `--config.x=y` for every run.
-`python -m xfer.sweep ... --print_commands` prints one launch.py command per
+`python -m xfer.experiments.sweep ... --print_commands` prints one launch.py command per
 run instead of running them, for a cluster; rerun without it to collect the table.
 
 One optimizer spec per preset group: `head` (the classifier, new for the class
@@ -40,7 +40,9 @@ and `scratch` might do better with their own; sweep `optim.backbone.lr` to see.
 
 import ml_collections
 
-from xfer import data, optim
+from xfer import data
+
+from xfer.learning import optim
 
 MODELS = {"lite0": "efficientnet_lite0", "vgg16": "vgg16", "resnet50": "resnet50"}
 MASKS = ("linear_probe", "last_k:1", "last_k:3", "bias_only", "norm_only", "full", "scratch")
@@ -55,17 +57,17 @@ def get_config(arg: str = ""):
     config.init = "imagenet"  # the `scratch` mask overrides it
     config.head_zero_init = True  # a new head starts at zero: uniform predictions at step 0
     config.data = _data_config(args["data"], int(args["res"]))
-    # A preset name (xfer/presets.py) instead of (regex, group) rules; the sweep sets it per run.
+    # A preset name (xfer/learning/presets.py) instead of (regex, group) rules; the sweep sets it per run.
     config.partition = "linear_probe"
     # Every BatchNorm layer normalises with its ImageNet running statistics, in training and in
     # evaluation, whatever the mask: masks then differ only in which parameters learn. With the
     # default `()` a layer whose scale and bias train switches to batch statistics while its running
     # ones (momentum 0.99) trail far behind, and evaluation suffers: seed 0 measured full 0.32,
     # bias_only 0.23, norm_only 0.24, against 0.98, 0.83, 0.86 with this policy. `scratch` ignores
-    # it and trains on batch statistics: a random network has no statistics to keep (xfer.presets).
+    # it and trains on batch statistics: a random network has no statistics to keep (xfer.learning.presets).
     config.bn_policy = ((".*", "stats_frozen"),) if has_batch_norm else ()
     config.bn_cross_device = True
-    config.feature_cache = ""  # the masks train different prefixes, so none is cached (xfer/feature_cache.py)
+    config.feature_cache = ""  # the masks train different prefixes, so none is cached (xfer/training/feature_cache.py)
     config.optim = ml_collections.ConfigDict({
         "head": optim.group_config(optimizer="adam", lr=1e-2, schedule="cosine"),
         # Without warmup Adam's first steps, normalised by a second moment from a few gradients, can
@@ -82,7 +84,7 @@ def get_config(arg: str = ""):
     config.log_every = 20
     config.eval_every = 60
     config.checkpoint = ml_collections.ConfigDict({"every": 60, "keep_latest": 1, "keep_best": 1})
-    # The grid (xfer/sweep.py): {field: values}, nested as the config is; every combination runs.
+    # The grid (xfer/experiments/sweep.py): {field: values}, nested as the config is; every combination runs.
     masks = tuple(mask for mask in MASKS if mask != "norm_only" or has_batch_norm)
     config.sweep = ml_collections.ConfigDict({"partition": masks, "seed": (0, 1)})
     return config

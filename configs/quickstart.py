@@ -9,7 +9,9 @@ Expect ~0.9x test accuracy in a few minutes on 2 CPU cores (README has the measu
 
 import ml_collections
 
-from xfer import data, optim
+from xfer import data
+
+from xfer.learning import optim
 
 
 def get_config():
@@ -29,7 +31,7 @@ def get_config():
     # Ordered (regex, group) rules over parameter paths; the first match wins.
     config.partition = (("^_fc/", "head"), (".*", "frozen"))
     # BatchNorm layers default to `frozen` where all their parameters are frozen, else `train`;
-    # (regex, policy) rules override that: policies train | frozen | stats_frozen (xfer/norms.py).
+    # (regex, policy) rules override that: policies train | frozen | stats_frozen (xfer/learning/norms.py).
     config.bn_policy = ()
     # BatchNorm statistics over the global batch on several devices (False: per device).
     config.bn_cross_device = True
@@ -37,7 +39,7 @@ def get_config():
         "head": optim.group_config(optimizer="adam", lr=1e-2, schedule="cosine"),
     })
     # Cache the output of a frozen prefix (a module path, or "auto" for the deepest valid one) and
-    # train the rest from it; needs data.augment="none". "" trains on images (xfer/feature_cache.py).
+    # train the rest from it; needs data.augment="none". "" trains on images (xfer/training/feature_cache.py).
     config.feature_cache = "auto"  # the frozen backbone runs once per image, not once per epoch
     config.batch_size = 64
     config.num_epochs = 8

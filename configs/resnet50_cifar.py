@@ -14,7 +14,7 @@ Not measured here (no GPU, no downloads).
 import ml_collections
 
 from configs import vgg16_cifar
-from xfer import optim
+from xfer.learning import optim
 
 
 def get_config(arg: str = ""):

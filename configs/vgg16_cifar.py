@@ -16,7 +16,9 @@ train step at 224 px runs 1.6x (frozen) and 2.3x (full) faster (bench/README.md)
 
 import ml_collections
 
-from xfer import data, optim
+from xfer import data
+
+from xfer.learning import optim
 
 
 def get_config(arg: str = ""):
@@ -37,7 +39,7 @@ def get_config(arg: str = ""):
     # torch: `for p in model.features.parameters(): p.requires_grad = False`.
     config.partition = (("^features/", "frozen"), ("^classifier/", "classifier"))
     # BatchNorm layers default to `frozen` where all their parameters are frozen, else `train`;
-    # (regex, policy) rules override that: policies train | frozen | stats_frozen (xfer/norms.py).
+    # (regex, policy) rules override that: policies train | frozen | stats_frozen (xfer/learning/norms.py).
     config.bn_policy = ()
     # BatchNorm statistics over the global batch on several devices (False: per device).
     config.bn_cross_device = True
@@ -45,7 +47,7 @@ def get_config(arg: str = ""):
         "classifier": optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9),
     })
     # Cache the output of a frozen prefix (a module path, or "auto" for the deepest valid one) and
-    # train the rest from it; needs data.augment="none". "" trains on images (xfer/feature_cache.py).
+    # train the rest from it; needs data.augment="none". "" trains on images (xfer/training/feature_cache.py).
     config.feature_cache = ""
     config.batch_size = 64
     config.num_epochs = 3

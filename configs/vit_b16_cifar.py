@@ -13,7 +13,7 @@ tfds. Not measured here (no GPU, no downloads).
 import ml_collections
 
 from configs import vgg16_cifar
-from xfer import optim
+from xfer.learning import optim
 
 
 def get_config(arg: str = ""):

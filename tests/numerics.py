@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from xfer import checkpoint, feature_cache, train
+from xfer.training import checkpoint, feature_cache, train
 
 
 def tolerance_used(actual: dict, expected: dict, rtol: float, atol: float) -> tuple[float, str]:

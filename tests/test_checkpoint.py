@@ -22,8 +22,10 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xfer import checkpoint, cli
-from xfer.checkpoint import digest
+from xfer.training import checkpoint
+
+from xfer import cli
+from xfer.training.checkpoint import digest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -201,7 +203,8 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys, time
     import jax.numpy as jnp
-    from xfer import checkpoint, cli
+    from xfer.training import checkpoint
+    from xfer import cli
     directory = sys.argv[1]
     ckpt = checkpoint.Checkpointer(directory)
     ckpt.save(1, {"params": {"w": jnp.ones((4,))}}, {"position": 1}, {})
@@ -335,7 +338,7 @@ SHARDED = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from xfer.checkpoint import digest
+    from xfer.training.checkpoint import digest
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
     rng = np.random.default_rng(0)
     host = {"f32": rng.standard_normal((8, 6, 4)).astype(np.float32),
@@ -434,7 +437,7 @@ DISK_FULL = textwrap.dedent(
     """
     import sys
     import jax, jax.numpy as jnp
-    from xfer import checkpoint
+    from xfer.training import checkpoint
     def state(words):
         return {"params": {"w": jax.random.bits(jax.random.key(words), (words,), jnp.uint32)}}
     ckpt = checkpoint.Checkpointer(sys.argv[1])

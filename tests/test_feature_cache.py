@@ -15,7 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xfer import checkpoint, feature_cache, models, norms, partition, train
+from xfer.training import checkpoint, feature_cache, train
+
+from xfer import models
+
+from xfer.learning import norms, partition
 
 import numerics
 from configs import quickstart

@@ -1,6 +1,6 @@
 """Several processes compute what one does, checkpoints move between process counts, SIGTERM saves.
 
-Every run goes through `python -m xfer.multiprocess` (simulated CPU devices, 8 in all), so the
+Every run goes through `python -m xfer.scaling.multiprocess` (simulated CPU devices, 8 in all), so the
 launcher is tested with it. Runs are EfficientNet-Lite0 on digits at 32 px, head only, with the
 quickstart's feature cache, global batch 16, 6 steps, checkpoints at steps 3 and 6, and SGD with
 momentum instead of the quickstart's Adam: a cross-process sum adds in another order than one
@@ -10,7 +10,7 @@ step (tests/numerics.py, tests/test_train_equivalence.py); with SGD it stays rou
   two_processes: 2 processes x 4 devices, uninterrupted (module fixture).
 Resumes start from a copy of a finished run's workdir without its step-6 checkpoint, so they
 continue from step 3 on the other process count. Every subprocess has a timeout, and a killed
-launcher takes its processes with it (xfer.multiprocess), so nothing outlives a test.
+launcher takes its processes with it (xfer.scaling.multiprocess), so nothing outlives a test.
 
 Which data each process reads is checked on the pipeline itself, in-process: the 2-process
 runs then show that those blocks, assembled, train exactly what one process trains.
@@ -37,7 +37,9 @@ from flax import traverse_util
 import compilation_cache
 import numerics
 from configs import quickstart
-from xfer import checkpoint, data as xdata, distributed
+from xfer.training import checkpoint
+from xfer import data as xdata
+from xfer.scaling import distributed
 from xfer.models import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +76,7 @@ def jax_compilation_cache(tmp_path_factory):
 
 
 def command(processes: int, workdir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "xfer.multiprocess", "-n", str(processes),
+    return [sys.executable, "-m", "xfer.scaling.multiprocess", "-n", str(processes),
             "--devices_per_process", str(DEVICES // processes), "--",
             "launch.py", *ARGS, *overrides, f"--workdir={workdir}"]
 
@@ -151,7 +153,7 @@ time.sleep(60)
 
 def test_launcher_prefixes_ranks_and_stops_everyone_when_one_process_fails():
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "xfer.multiprocess", "-n", "2", "--", "-c", FAILING_RANK],
+    result = subprocess.run([sys.executable, "-m", "xfer.scaling.multiprocess", "-n", "2", "--", "-c", FAILING_RANK],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
     assert result.returncode == 3, result.stderr
     assert time.monotonic() - started < 30  # rank 0 was killed, not waited for
@@ -263,7 +265,7 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_ends_bitwise_identical(one
     try:
         assert first_step.wait(RUN_TIMEOUT), "".join(lines[-30:])
         signalled = time.monotonic()
-        launcher.send_signal(signal.SIGTERM)  # forwarded to the process by xfer.multiprocess
+        launcher.send_signal(signal.SIGTERM)  # forwarded to the process by xfer.scaling.multiprocess
         launcher.send_signal(signal.SIGTERM)  # a second one, at once: changes nothing
         returncode = launcher.wait(timeout=RUN_TIMEOUT)
         seconds_to_exit = time.monotonic() - signalled

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from xfer import checkpoint, step as step_lib, train
+from xfer.training import checkpoint, step as step_lib, train
 
 REPO = Path(__file__).resolve().parents[1]
 POISONED_STEP = 5

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from xfer import norms, partition
+from xfer.learning import norms, partition
 
 
 def _params_and_stats():
@@ -91,7 +91,9 @@ _EIGHT_DEVICES = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
-    from xfer import models, optim, partition, step
+    from xfer import models
+    from xfer.learning import optim, partition
+    from xfer.training import step
     rtol, atol = float(sys.argv[1]), float(sys.argv[2])
     assert jax.device_count() == 8
     model = models.build("resnet18", num_classes=4)

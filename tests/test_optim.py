@@ -7,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from xfer import optim, partition
-from xfer.optim import OptimConfigError
-from xfer.partition import FROZEN
+from xfer.learning import optim, partition
+from xfer.learning.optim import OptimConfigError
+from xfer.learning.partition import FROZEN
 
 RULES = (("^features/", FROZEN), (".*", "head"))
 

@@ -4,8 +4,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from xfer import optim, partition
-from xfer.partition import FROZEN, PartitionError
+from xfer.learning import optim, partition
+from xfer.learning.partition import FROZEN, PartitionError
 
 
 def small_params():

@@ -2,7 +2,7 @@
 
 Parameter trees come from `jax.eval_shape` of `model.init` (shapes only, no compile), so every
 registered model can be checked in seconds. Each expectation is written independently of
-xfer/presets.py, as a regex over torchvision-style paths.
+xfer/learning/presets.py, as a regex over torchvision-style paths.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from xfer import models, optim, partition, presets
-from xfer.partition import PartitionError
+from xfer import models
+
+from xfer.learning import optim, partition, presets
+from xfer.learning.partition import PartitionError
 
 SIZES = {"vit_b_16": 224}  # ViT's position embedding fixes its input size; the rest take 32 px
 

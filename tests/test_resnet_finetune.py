@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from xfer import models, norms, optim, partition, step
+from xfer import models
+
+from xfer.learning import norms, optim, partition
+
+from xfer.training import step
 
 RULES = (("^layer4/|^fc/", "top"), (".*", "frozen"))
 

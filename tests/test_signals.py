@@ -1,5 +1,5 @@
 """Ctrl-C and SIGTERM as a user meets them: through `launch.py` in a subprocess, judged by exit code
-and output (xfer.preemption).
+and output (xfer.scaling.preemption).
 
   - before the first step a Ctrl-C stops at once: one line, exit 130, no traceback;
   - once training runs it saves at the next step and exits 130 (SIGTERM: 0), and the same
@@ -31,13 +31,13 @@ ARGS = ("--config=configs/quickstart.py", "--config.data.image_size=32", "--conf
 ENV = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
 
 # `python -c SIGNALLER WHEN SIGNALS launch.py ...`: launch.py, which sends itself SIGNALS (comma-separated
-# numbers) WHEN: "import" (as xfer.train is first imported, before preemption.listen), "listen" (right
+# numbers) WHEN: "import" (as xfer.training.train is first imported, before preemption.listen), "listen" (right
 # after it: before the first step), "batch:B" (at the end of feature-pass batch B) or "step:S" (step S).
 # Of several processes only rank $SIGNALLED_RANK (default 0) signals itself. At exit it prints how
 # many feature-pass boundaries it passed.
 SIGNALLER = textwrap.dedent("""
     import atexit, os, runpy, sys, time
-    from xfer import preemption
+    from xfer.scaling import preemption
 
     when, signals = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
     del sys.argv[1:3]
@@ -57,7 +57,7 @@ SIGNALLER = textwrap.dedent("""
     if when == "import":
         class SignalOnImport:
             def find_spec(self, name, path=None, target=None):
-                if name == "xfer.train":
+                if name == "xfer.training.train":
                     send()
         sys.meta_path.insert(0, SignalOnImport())
     elif when == "listen":
@@ -177,7 +177,7 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_feature_batch(tm
     """A notice on process 1 alone reaches process 0 (JAX's preemption sync protocol), and both stop
     the feature pass at the same batch, though they counted the steps of no training yet."""
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "xfer.multiprocess", "-n", "2", "--devices_per_process", "1", "--",
+    command = [sys.executable, "-m", "xfer.scaling.multiprocess", "-n", "2", "--devices_per_process", "1", "--",
                "-c", SIGNALLER, "batch:3", str(int(signal.SIGTERM)), "launch.py", *ARGS, f"--workdir={workdir}"]
     run = subprocess.run(command, cwd=REPO, env={**ENV, "SIGNALLED_RANK": "1"}, capture_output=True, text=True,
                          timeout=300)
@@ -204,7 +204,7 @@ sys.exit(130)
 
 
 def test_the_launcher_forwards_ctrl_c_and_waits_for_every_process_to_stop():
-    launcher = subprocess.Popen([sys.executable, "-m", "xfer.multiprocess", "-n", "2", "--", "-c", STOPS_ON_CTRL_C],
+    launcher = subprocess.Popen([sys.executable, "-m", "xfer.scaling.multiprocess", "-n", "2", "--", "-c", STOPS_ON_CTRL_C],
                                 cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = [launcher.stdout.readline() for _ in range(2)]

@@ -2,7 +2,7 @@
 tiny sweep that is killed, rerun, and finishes without redoing a finished run.
 
 The real sweep is Lite0 on digits at 32 px, 2 presets x 1 seed, 3 steps a run, through the
-command line (`python -m xfer.sweep`) in subprocesses that share a JAX compilation cache.
+command line (`python -m xfer.experiments.sweep`) in subprocesses that share a JAX compilation cache.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from xfer import sweep
-from xfer import workdir as workdir_lib
+from xfer.experiments import sweep
+from xfer.training import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/ablate_freeze.py"
@@ -42,7 +42,7 @@ def ablate_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def sweep_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "xfer.sweep", f"--config={CONFIG}", *args]
+    return [sys.executable, "-m", "xfer.experiments.sweep", f"--config={CONFIG}", *args]
 
 
 def test_grid_is_the_product_in_sorted_field_order_with_named_workdirs():
@@ -149,7 +149,7 @@ def test_unknown_preset_fails_before_any_run_or_directory(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: run partition=linaer_probe,seed=0: unknown partition preset 'linaer_probe'; the presets are "
-        "linear_probe, last_k:K, full, bias_only, norm_only, scratch (xfer/presets.py), or give (regex, group) rules")
+        "linear_probe, last_k:K, full, bias_only, norm_only, scratch (xfer/learning/presets.py), or give (regex, group) rules")
     assert "sweep run" not in result.stderr
     assert not workdir.exists()
 

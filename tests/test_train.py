@@ -38,8 +38,10 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from xfer import checkpoint, optim, step as step_lib, train
-from xfer import workdir as workdir_lib
+from xfer.training import checkpoint, step as step_lib, train
+
+from xfer.learning import optim
+from xfer.training import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -93,7 +93,7 @@ EIGHT_DEVICES = ("--config.checkpoint.every=1000",)
 # `python -c KILLER <step> launch.py ...`: launch.py, SIGKILLed once checkpoint <step> is committed.
 KILLER = textwrap.dedent("""
     import os, runpy, signal, sys
-    from xfer import checkpoint
+    from xfer.training import checkpoint
 
     kill_at = int(sys.argv.pop(1))
     save = checkpoint.Checkpointer.save

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from xfer import workdir as workdir_lib
+from xfer.training import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -28,7 +28,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("P
 HOLDER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from xfer import workdir
+    from xfer.training import workdir
     with workdir.lock(Path(sys.argv[1])):
         print("locked", flush=True)
         sys.stdin.read()

@@ -1,4 +1,4 @@
-"""What launch.py and `python -m xfer.sweep` share: bad input ends in one `error:` line.
+"""What launch.py and `python -m xfer.experiments.sweep` share: bad input ends in one `error:` line.
 
 Kept free of JAX imports, so `--help` and flag errors stay instant.
 """

@@ -32,7 +32,7 @@ class ModelInfo:
     input_size: int  # the resolution its ImageNet weights were trained at
     mean: tuple[float, float, float]  # in units of pixels scaled to [0, 1]
     std: tuple[float, float, float]
-    # For freeze presets (xfer.presets): regexes over parameter paths of the classification head and
+    # For freeze presets (xfer.learning.presets): regexes over parameter paths of the classification head and
     # of the blocks in forward order; together they take every parameter exactly once. A model
     # without them takes only explicit partition rules.
     head: str | None = None

@@ -39,7 +39,7 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")  # U(±1/sqrt(out))
 
 
-# For freeze presets (xfer.presets). Blocks are counted in stages, as ResNet's `layer<k>` and
+# For freeze presets (xfer.learning.presets). Blocks are counted in stages, as ResNet's `layer<k>` and
 # VGG's conv stages are: the stem, the seven stages of `_blocks` (a resolution or width each), the
 # 1x1 head conv. A stage of 1 to 4 MBConv blocks is the unit a "train the last k" ablation moves by.
 HEAD = "^_fc/"

@@ -114,7 +114,7 @@ max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 # BatchNorm and Dropout take their train/eval mode at *call* time in every model, never in
-# the constructor: that lets `xfer.step` switch frozen parts of any model to inference mode
+# the constructor: that lets `xfer.training.step` switch frozen parts of any model to inference mode
 # (flax.linen.intercept_methods) without each model plumbing a policy through its modules.
 
 class BatchNorm(nn.Module):

@@ -32,7 +32,7 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-# For freeze presets (xfer.presets).
+# For freeze presets (xfer.learning.presets).
 HEAD = "^fc/"
 
 

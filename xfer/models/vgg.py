@@ -29,7 +29,7 @@ CONFIGS = {
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nn.initializers.normal(0.01)
 
-# For freeze presets (xfer.presets): a linear probe trains only the last Linear, so `classifier/0`
+# For freeze presets (xfer.learning.presets): a linear probe trains only the last Linear, so `classifier/0`
 # and `classifier/3` count as blocks and `last_k:2` trains the whole classifier, torchvision's
 # "features frozen" recipe.
 HEAD = "^classifier/6/"

@@ -31,7 +31,7 @@ CONFIGS = {
     "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
 }
 
-# For freeze presets (xfer.presets): the classification head.
+# For freeze presets (xfer.learning.presets): the classification head.
 HEAD = "^heads/"
 
 

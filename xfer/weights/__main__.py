@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from xfer import preemption  # JAX-free
+from xfer.scaling import preemption  # JAX-free
 
 if __name__ == "__main__":  # before the slow imports: a Ctrl-C is one line, never a traceback
     preemption.stop_on_interrupt("stopped; nothing was written", terminate=True)

@@ -1,11 +1,11 @@
 """One optimizer per parameter group, and frozen parameters that cost nothing.
 
-`xfer.partition.labels` names a group for every parameter; `build` turns a config
+`xfer.learning.partition.labels` names a group for every parameter; `build` turns a config
 with one spec per group into a single `optax.partition` (optax >= 0.2.5, where
 `multi_transform` got that name):
 
     config.optim = ml_collections.ConfigDict({
-        "head": xfer.optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9),
+        "head": xfer.learning.optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9),
     })
 
 The built-in `frozen` group gets `optax.set_to_zero()`: no optimizer state, no
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from xfer.partition import FROZEN
+from xfer.learning.partition import FROZEN
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -110,7 +110,7 @@ def _group_specs(optim_config: Mapping, labels) -> dict[str, dict[str, Any]]:
     if missing:
         raise OptimConfigError(
             f"parameter group(s) {missing} have no optimizer: add config.optim.{missing[0]} = "
-            f"xfer.optim.group_config(optimizer=..., lr=...), or label them '{FROZEN}'")
+            f"xfer.learning.optim.group_config(optimizer=..., lr=...), or label them '{FROZEN}'")
     unused = sorted(set(configured) - used)
     if unused:
         raise OptimConfigError(

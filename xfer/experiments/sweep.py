@@ -1,6 +1,6 @@
 """Ablation grids: every combination of a config's `sweep` values, run, resumed and tabled.
 
-    python -m xfer.sweep --config=configs/ablate_freeze.py --workdir=/tmp/xfer-ablate
+    python -m xfer.experiments.sweep --config=configs/ablate_freeze.py --workdir=/tmp/xfer-ablate
 
 `config.sweep` holds the values to try per config field, nested as the config is:
 
@@ -12,17 +12,17 @@
 
 Each combination is one run, in a workdir under --workdir named by its values
 (`partition=last_k-2,seed=1`), fields in sorted order, the last varying fastest.
-Runs go one after another in this process through `xfer.train.run`, sharing
+Runs go one after another in this process through `xfer.training.train.run`, sharing
 compiled programs through JAX's persistent cache (`jax_cache/` there, unless
 JAX_COMPILATION_CACHE_DIR names another), so runs that differ only in seed
 compile once. A run whose summary.json exists is skipped and an interrupted one
 resumes (train.run does that by itself), so after a kill the same command
-finishes only what is missing. Then `xfer.ablation` writes results.csv,
+finishes only what is missing. Then `xfer.experiments.ablation` writes results.csv,
 results.md and results.png.
 
 Before anything runs or any directory is made, the whole grid is checked: each
 field exists, each value has the field's type, every run's setup builds
-(`xfer.train.setup`: its numbers, data, model, partition and optimizer over its
+(`xfer.training.train.setup`: its numbers, data, model, partition and optimizer over its
 own step count), and a run's workdir that exists holds that run's config.
 
 `--print_commands` prints one launch.py command per run instead (for a
@@ -89,7 +89,7 @@ def run_name(values: dict[str, Any]) -> str:
 def check(runs: Sequence[Run], sweep_dir: Path) -> None:
     """What would fail later, now: every run's whole setup (numbers, data, model, partition, optimizer
     over its own step count), and workdirs that hold another config."""
-    from xfer import train, workdir  # JAX: imported when a grid is checked, not for --help
+    from xfer.training import train, workdir  # JAX: imported when a grid is checked, not for --help
 
     for run in runs:
         try:
@@ -102,10 +102,10 @@ def check(runs: Sequence[Run], sweep_dir: Path) -> None:
 def run_all(runs: Sequence[Run], sweep_dir: Path) -> bool:
     """Trains the runs one after another, skipping finished ones (summary.json present).
 
-    False when a preemption notice stopped a run (`xfer.preemption`): it saved
+    False when a preemption notice stopped a run (`xfer.scaling.preemption`): it saved
     where it was, and the same command resumes it.
     """
-    from xfer import train
+    from xfer.training import train
 
     for index, run in enumerate(runs, start=1):
         workdir = sweep_dir / run.name
@@ -192,7 +192,7 @@ def _config_overrides(argv: Sequence[str]) -> list[str]:
 
 def _main() -> None:
     """The command line; flags are defined here, not on import, so tests and launch.py can import this."""
-    from xfer import preemption  # JAX-free
+    from xfer.scaling import preemption  # JAX-free
 
     preemption.stop_on_interrupt()  # first: from here on a Ctrl-C is one line and exit 130, no traceback
     config_flag = config_flags.DEFINE_config_file(
@@ -219,7 +219,9 @@ def _main() -> None:
                 return
             import jax
 
-            from xfer import ablation, workdir
+            from xfer.experiments import ablation
+
+            from xfer.training import workdir
 
             if not jax.config.jax_compilation_cache_dir:  # runs that differ in seed only compile once
                 jax.config.update("jax_compilation_cache_dir", str(sweep_dir / "jax_cache"))

@@ -8,7 +8,7 @@ process contributes its local shard through `global_batch`.
 
 Frozen parameters are selected from the old state at trace time (their
 labels are static strings), so they are bitwise unchanged and XLA drops their
-gradient work. Each BatchNorm layer follows its `xfer.norms` policy, and
+gradient work. Each BatchNorm layer follows its `xfer.learning.norms` policy, and
 dropout inside frozen modules is off, so a frozen part learns nothing and
 computes at training what it computes at evaluation.
 """
@@ -25,7 +25,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xfer import feature_cache, optim, partition
+from xfer.training import feature_cache
+
+from xfer.learning import optim, partition
 from xfer.models import layers
 
 
@@ -69,7 +71,7 @@ def _keep_frozen(new, old, frozen_mask):
 def training_modes(running_stats_layers: frozenset[str], frozen_modules: frozenset[str], bn_groups: int = 1):
     """A context that sets each BatchNorm's and Dropout's mode by module path, for any model.
 
-    BatchNorm layers in `running_stats_layers` (their `xfer.norms` policy is
+    BatchNorm layers in `running_stats_layers` (their `xfer.learning.norms` policy is
     `frozen` or `stats_frozen`) normalise with running statistics and leave
     them alone; the others use batch statistics, split into `bn_groups`
     per-device slices when cross-device BatchNorm is off. Dropout inside a
@@ -100,7 +102,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
 
     Under jit the batch is one global array, so BatchNorm statistics are over
     the global batch (cross-device) unless `bn_cross_device` is False. With a
-    `cut`, batch["image"] holds that module's cached output (`xfer.feature_cache`).
+    `cut`, batch["image"] holds that module's cached output (`xfer.training.feature_cache`).
     """
     params_frozen = partition.frozen_mask(labels)
     frozen_modules = partition.frozen_modules(labels)

@@ -1,11 +1,11 @@
-"""Joining a multi-process JAX job: a TPU pod, several GPU hosts, or `xfer.multiprocess` on one machine.
+"""Joining a multi-process JAX job: a TPU pod, several GPU hosts, or `xfer.scaling.multiprocess` on one machine.
 
 `initialize()` must run before anything touches a JAX device (the process
 count is fixed when JAX starts its backends), so launch.py calls it first. It
 joins `jax.distributed` in two cases and does nothing otherwise:
 
   - **given**: `num_processes` > 1 (a flag, or `XFER_NUM_PROCESSES`, which
-    `xfer.multiprocess` sets) with the coordinator's `host:port` and this
+    `xfer.scaling.multiprocess` sets) with the coordinator's `host:port` and this
     process's id (flags, or `JAX_COORDINATOR_ADDRESS` and `XFER_PROCESS_ID`);
   - **detected**: a cluster environment JAX knows (Cloud TPU VMs and GKE, SLURM,
     Open MPI, Kubernetes) that runs more than one process; JAX then reads the
@@ -37,7 +37,7 @@ class DistributedError(ValueError):
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Joins the job this process belongs to, if it is one of several; arguments override the env."""
-    import jax  # here, not above: xfer.multiprocess shares this module's names and never needs JAX
+    import jax  # here, not above: xfer.scaling.multiprocess shares this module's names and never needs JAX
 
     coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV)
     num_processes = _from_env(num_processes, NUM_PROCESSES_ENV)

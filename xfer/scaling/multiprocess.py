@@ -1,17 +1,17 @@
 """Runs one command as N cooperating JAX processes on this machine, the way a pod runs it on N hosts.
 
-    python -m xfer.multiprocess -n 2 --devices_per_process 4 -- launch.py --config=... --workdir=...
+    python -m xfer.scaling.multiprocess -n 2 --devices_per_process 4 -- launch.py --config=... --workdir=...
 
 Each process runs `python <command>` with a free coordinator port on 127.0.0.1
 in `JAX_COORDINATOR_ADDRESS` and its rank in `XFER_NUM_PROCESSES` /
-`XFER_PROCESS_ID`, which launch.py passes to `jax.distributed` (xfer.distributed).
+`XFER_PROCESS_ID`, which launch.py passes to `jax.distributed` (xfer.scaling.distributed).
 `--devices_per_process K` gives each process K simulated CPU devices. It is
 how the tests (and anyone without a pod) check that a multi-host run computes
 what a single process does.
 
 Every output line is prefixed with its process's rank. SIGTERM and SIGINT are
 forwarded to every process, so a preemption drill works as on a pod; after a
-Ctrl-C the processes stop together at a step boundary (xfer.preemption) and
+Ctrl-C the processes stop together at a step boundary (xfer.scaling.preemption) and
 exit 130, which is then their way of finishing, not a failure. If one process
 fails the others are killed (they would otherwise wait forever in a
 collective), and the exit code is the first non-zero one. The processes die
@@ -31,11 +31,11 @@ import threading
 import time
 from typing import IO, Sequence
 
-from xfer import distributed
+from xfer.scaling import distributed
 
 _PR_SET_PDEATHSIG = 1
 _POLL_SECONDS = 0.1
-_INTERRUPTED = 130  # a process's exit code after a Ctrl-C (xfer.preemption)
+_INTERRUPTED = 130  # a process's exit code after a Ctrl-C (xfer.scaling.preemption)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m xfer.multiprocess", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m xfer.scaling.multiprocess", description=__doc__.split("\n")[0])
     parser.add_argument("-n", "--num_processes", type=int, required=True, help="Processes to start.")
     parser.add_argument("--devices_per_process", type=int, default=None,
                         help="Simulated CPU devices per process (sets XLA_FLAGS and JAX_PLATFORMS=cpu).")

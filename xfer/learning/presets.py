@@ -2,7 +2,7 @@
 
     config.partition = "last_k:2"     # instead of (regex, group) rules
 
-A preset is expanded against the model's parameters into ordinary `xfer.partition`
+A preset is expanded against the model's parameters into ordinary `xfer.learning.partition`
 rules, so the group table, the coverage checks and "frozen means free" apply
 unchanged. It makes up to three groups: `head` (the classifier, the model's
 `ModelInfo.head`), `backbone` (everything else the preset trains) and `frozen`.
@@ -37,7 +37,7 @@ from typing import Mapping, NamedTuple, Sequence
 import jax
 
 from xfer import models
-from xfer.partition import FROZEN, PartitionError, path_str
+from xfer.learning.partition import FROZEN, PartitionError, path_str
 
 log = logging.getLogger("xfer")
 
@@ -69,7 +69,7 @@ def parse(setting) -> Preset | None:
     name, separator, k = setting.partition(":")
     if name != LAST_K:
         raise PartitionError(f"unknown partition preset {setting!r}; the presets are {', '.join(NAMES)} "
-                             "(xfer/presets.py), or give (regex, group) rules")
+                             "(xfer/learning/presets.py), or give (regex, group) rules")
     if not separator or not re.fullmatch(r"[0-9]+", k):
         raise PartitionError(f"partition preset {setting!r} needs a whole number of blocks: write "
                              f"{LAST_K}:K, e.g. {LAST_K}:2")
@@ -77,7 +77,7 @@ def parse(setting) -> Preset | None:
 
 
 def resolve(setting, model_name: str, param_shapes) -> tuple[Sequence, str | None]:
-    """(rules for `xfer.partition.labels`, init override): a preset expanded, explicit rules as given.
+    """(rules for `xfer.learning.partition.labels`, init override): a preset expanded, explicit rules as given.
 
     The init override is "scratch" for the `scratch` preset and None otherwise
     (config.init stands). `param_shapes` is the params tree, e.g. from `jax.eval_shape`.
@@ -124,7 +124,7 @@ def bn_rules(setting, bn_policy: Sequence) -> Sequence:
 
 
 def optim_specs(optim_config: Mapping, setting, labels) -> Mapping:
-    """`config.optim` for `xfer.optim.build`: for a preset, only the specs of the groups in `labels`.
+    """`config.optim` for `xfer.learning.optim.build`: for a preset, only the specs of the groups in `labels`.
 
     Explicit rules keep optim.build's strictness (a spec no rule uses is an error);
     a preset leaves groups empty by design (`linear_probe` has no backbone).

@@ -6,14 +6,14 @@ terminal presses Ctrl-C (SIGINT). Work that can stop asks at its boundaries, and
 run again resumes:
 
   - the train loop calls `reached(step)` after every step; True: save a checkpoint and return;
-  - the feature-cache pass (xfer.feature_cache) calls `raise_if_reached()` after every batch;
+  - the feature-cache pass (xfer.training.feature_cache) calls `raise_if_reached()` after every batch;
     it has nothing worth saving, so it raises `Preempted` and nothing is written.
 
-An entry point (launch.py, `python -m xfer.sweep`) owns its process's signals:
+An entry point (launch.py, `python -m xfer.experiments.sweep`) owns its process's signals:
 
   - `stop_on_interrupt()`, first thing: from then on a Ctrl-C ends the process at once with one
     line on stderr and exit code 130, where Python would print a KeyboardInterrupt traceback.
-  - `listen()`, once the job is joined (xfer.distributed), makes a stop wait for a boundary:
+  - `listen()`, once the job is joined (xfer.scaling.distributed), makes a stop wait for a boundary:
       - SIGTERM: stop at the next boundary; further SIGTERMs change nothing. Exit code 0.
       - Ctrl-C: the same once the first boundary was reached; before it there is nothing to save,
         so (on one process) it still stops at once. `exit_code()` is then 130, not 0.

@@ -14,7 +14,7 @@ the next start say that an earlier run ended without releasing it. On several
 processes (a pod) process 0 takes the lock for all of them, and every process
 learns the outcome, so a refused job stops everywhere.
 
-Used by `xfer.train` (a run) and `xfer.sweep` (a sweep directory).
+Used by `xfer.training.train` (a run) and `xfer.experiments.sweep` (a sweep directory).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class WorkdirError(ValueError):
 def config_as_json(config) -> dict:
     """The config as plain JSON data: what is saved, and compared on resume.
 
-    A `sweep` field (the grid of an ablation config, xfer.sweep) is left out: it
+    A `sweep` field (the grid of an ablation config, xfer.experiments.sweep) is left out: it
     says which runs exist, not what this run is, so a run launched alone and the
     same run inside a sweep share their workdir.
     """
@@ -86,7 +86,7 @@ def saved_config(workdir: Path) -> dict | None:
 
 
 def _config_copy_hint(workdir: Path) -> str:
-    """How to repair config.json: every checkpoint keeps a copy of the config (xfer.checkpoint)."""
+    """How to repair config.json: every checkpoint keeps a copy of the config (xfer.training.checkpoint)."""
     steps = sorted((int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()), reverse=True)
     copies = [workdir / "checkpoints" / str(step) / "config" / "metadata" for step in steps]
     copy = next((path for path in copies if path.is_file()), None)
@@ -120,7 +120,7 @@ def lock(workdir: Path, is_writer: bool = True, agree=None) -> Iterator[None]:
     and so also finds a workdir that cannot be written, before any work is done
     in it. `is_writer`: whether this process takes the lock (process 0 of a
     job); `agree(ok) -> ok` makes every process of a job see process 0's
-    outcome (`xfer.distributed.agree`); None for a single process.
+    outcome (`xfer.scaling.distributed.agree`); None for a single process.
     """
     held, problem = None, None
     if is_writer:

@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xfer import norms, partition, preemption
+from xfer.learning import norms, partition
+
+from xfer.scaling import preemption
 
 log = logging.getLogger("xfer")
 
@@ -171,7 +173,7 @@ def compute(feature_step, params, batch_stats, batches, count: int, mesh) -> tup
     Each batch ends at a preemption boundary: a SIGTERM or Ctrl-C stops the pass there
     (`preemption.Preempted`, on every process at the same batch), and nothing is written.
     """
-    from xfer import step as step_lib  # the step module imports this one
+    from xfer.training import step as step_lib  # the step module imports this one
 
     features = labels = None
     filled = 0

@@ -21,7 +21,7 @@ Forms accepted for `rules` (a sequence, in priority order):
   - "regex:group" strings, split at the last ':'. This is what repeated flags
     produce: `--config.partition='^classifier/:head' --config.partition='.*:frozen'`.
 
-The group named `FROZEN` is built in: `xfer.optim` gives it `set_to_zero`, no
+The group named `FROZEN` is built in: `xfer.learning.optim` gives it `set_to_zero`, no
 optimizer state, and keeps it out of clipping and gradient norms.
 """
 
@@ -163,7 +163,7 @@ def table(params, labels_tree, opt_state: Any = None) -> str:
     """Per-group table: tensors, parameters, optimizer-state bytes, and a total row.
 
     Optimizer-state bytes are attributed through the `optax.PartitionState` that
-    `xfer.optim.build` creates (found anywhere inside `opt_state`, so wrappers such
+    `xfer.learning.optim.build` creates (found anywhere inside `opt_state`, so wrappers such
     as MultiSteps are fine); state outside it gets its own '(outside partition)' row.
     """
     sizes = [int(np.size(leaf)) for leaf in jax.tree.leaves(params)]

@@ -23,7 +23,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # a new marker each time matplotl
 
 
 def write(runs: Sequence, sweep_dir: Path) -> None:
-    """Writes the three files from each run's summary.json; `runs` are `xfer.sweep.Run`s."""
+    """Writes the three files from each run's summary.json; `runs` are `xfer.experiments.sweep.Run`s."""
     fields = list(runs[0].values)
     rows = [{**run.values, **_summary_metrics(sweep_dir / run.name / "summary.json")} for run in runs]
     groups = _over_seeds(rows, [field for field in fields if field != SEED])

@@ -5,8 +5,8 @@ The flow reads top to bottom, big_vision style, in three parts:
     model, partition rules, optimizer specs, feature-cache cut) from shapes
     alone, in seconds; a sweep calls it for every run of its grid first.
   - `_compile` compiles the steps and refuses a run whose programs cannot fit
-    in memory (`xfer.memory`); the first step reuses what it compiled.
-  - Only then is the workdir locked (`xfer.workdir`: one writer at a time),
+    in memory (`xfer.training.memory`); the first step reuses what it compiled.
+  - Only then is the workdir locked (`xfer.training.workdir`: one writer at a time),
     claimed or recognised as this config's, the newest good checkpoint
     restored, and `_loop` trains, evaluates, checkpoints and reports.
 So bad input never damages an existing run or leaves a claimed, empty one.
@@ -36,12 +36,20 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xfer import checkpoint, data as data_lib, distributed, evaluate, feature_cache, memory, models, norms, optim
-from xfer import partition, preemption, presets, validate
-from xfer import step as step_lib
+from xfer.training import checkpoint, evaluate, feature_cache, memory
+
+from xfer import data as data_lib, models
+
+from xfer.scaling import distributed
+
+from xfer.learning import norms, optim
+from xfer.learning import partition, presets
+from xfer.scaling import preemption
+from xfer.training import validate
+from xfer.training import step as step_lib
 from xfer import weights
-from xfer import workdir as workdir_lib
-from xfer.report import Reporter, StepClock
+from xfer.training import workdir as workdir_lib
+from xfer.training.report import Reporter, StepClock
 
 log = logging.getLogger("xfer")
 
@@ -70,9 +78,9 @@ class Setup:
 class Steps(NamedTuple):
     """A run's jitted programs, compiled once by `_compile`."""
 
-    train: Callable  # xfer.step.make_train_step's
+    train: Callable  # xfer.training.step.make_train_step's
     eval: Callable
-    features: Callable | None  # xfer.feature_cache.make_feature_step's, with a cut
+    features: Callable | None  # xfer.training.feature_cache.make_feature_step's, with a cut
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -101,7 +109,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     """Trains (or resumes) the run `config` describes in `workdir`; returns the summary.
 
-    On a preemption notice (`xfer.preemption`) it saves the step it reached and
+    On a preemption notice (`xfer.scaling.preemption`) it saves the step it reached and
     returns None; the same call then resumes from there.
     """
     started = time.perf_counter()

@@ -3,7 +3,7 @@
 A value no run can use (`log_every=0`, `keep_latest=0`, a negative step count)
 would otherwise surface deep inside the loop as a ZeroDivisionError, or after
 the workdir was claimed. Each field's owner checks its own values as it reads
-them: `xfer.data.settings` the data fields, `xfer.optim` each group's
+them: `xfer.data.settings` the data fields, `xfer.learning.optim` each group's
 learning rate, momentum and decay; this module checks the rest.
 """
 

@@ -12,7 +12,7 @@ Per array, keyed by path (`params/features/0/kernel`): zlib's CRC-32 of its
 bytes, its dtype and shape. CRC-32 detects every change confined to 32
 consecutive bits (any one changed float32 element) and misses wider damage
 with probability 2^-32. It reads the bytes of one replica on the host: the
-trainer's state is replicated (xfer.step), so every process holds every array
+trainer's state is replicated (xfer.training.step), so every process holds every array
 whole, and the bytes are the same on any device or process count. Cost:
 zlib's CRC-32 runs at 3.8 GB/s on one core here: `arrays` of VGG16's 138M
 parameters (552 MB) takes 0.13 s (measured 2026-11-30, 2 CPU cores), paid
@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
-from xfer.checkpoint.failures import CheckpointError
+from xfer.training.checkpoint.failures import CheckpointError
 
 FORMAT = 1
 

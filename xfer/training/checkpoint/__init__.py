@@ -11,7 +11,7 @@ damaged bytes:
   - `failures`: `CheckpointError`, one line per failure, Orbax's noise kept out.
 """
 
-from xfer.checkpoint.checkpointer import Checkpointer, read_variables
-from xfer.checkpoint.failures import CheckpointError
+from xfer.training.checkpoint.checkpointer import Checkpointer, read_variables
+from xfer.training.checkpoint.failures import CheckpointError
 
 __all__ = ["CheckpointError", "Checkpointer", "read_variables"]

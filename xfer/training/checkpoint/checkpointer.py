@@ -16,7 +16,7 @@ adds what a training loop needs on top of it:
     kill mid-save leaves the previous steps intact; leftovers are removed when
     the next run opens the directory.
   - **Verified restores.** Each checkpoint holds a digest of what it holds
-    (`xfer.checkpoint.digest`), committed with it; `restore` compares what it
+    (`xfer.training.checkpoint.digest`), committed with it; `restore` compares what it
     read with it, and a mismatch counts as damage like a truncated file;
     `read_variables` checks the arrays it reads. Checkpoints written before the
     digest restore with a logged note that they are unverified. The config's
@@ -36,7 +36,7 @@ adds what a training loop needs on top of it:
     Directories are created before `save` returns (not asynchronously), so an
     unwritable directory fails at once: asynchronous creation let Orbax's
     writer threads wait 5 minutes for a directory that never came. Orbax's own
-    reports of the failure stay out of the output (`xfer.checkpoint.failures`).
+    reports of the failure stay out of the output (`xfer.training.checkpoint.failures`).
     With several processes, a write failing on one process alone still leaves
     the others in Orbax's commit barrier until its timeout (20 minutes).
 
@@ -62,8 +62,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from xfer.checkpoint import digest as digest_lib
-from xfer.checkpoint.failures import CheckpointError, first_line, join_writers, os_reason, quiet_orbax
+from xfer.training.checkpoint import digest as digest_lib
+from xfer.training.checkpoint.failures import CheckpointError, first_line, join_writers, os_reason, quiet_orbax
 
 log = logging.getLogger("xfer")
 

@@ -13,7 +13,7 @@ BatchNorm module gets one explicit policy:
 paths (`layer3/1/bn2`, `features/1`), first match wins, in the same forms as
 `config.partition`. Layers no rule matches default to `frozen` where every
 parameter of the layer is frozen, else `train`. The policy is applied by
-`xfer.step` through the layer's call-time mode, never by whether a variable
+`xfer.training.step` through the layer's call-time mode, never by whether a variable
 collection happens to be mutable.
 """
 
@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import jax
 from flax import traverse_util
 
-from xfer import partition
+from xfer.learning import partition
 
 TRAIN, FROZEN, STATS_FROZEN = "train", "frozen", "stats_frozen"
 POLICIES = (TRAIN, FROZEN, STATS_FROZEN)

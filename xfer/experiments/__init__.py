@@ -1,0 +1,1 @@
+"""Many runs: ablation grids and the tables that compare them."""

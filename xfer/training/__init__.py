@@ -1,0 +1,1 @@
+"""One run: set up, compile, train, evaluate, checkpoint and report, in one workdir."""
