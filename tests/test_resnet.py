@@ -10,7 +10,6 @@ tried: layer2.0 off by 0.27, conv1 by 1.33, bn1.running_mean by 0.88).
 """
 
 import copy
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,35 +23,14 @@ from xfer import models
 from xfer.models import resnet
 from xfer.weights import convert, weight_map
 
+import torch_hooks
 import torchvision_port
-
-# max |flax - torch| <= RTOL * max |torch|, per compared tensor.
-RTOL = 1e-4
 
 
 def _compared_modules(name: str) -> list[str]:
     """The stem's conv1 and bn1, then every block `layer<k>.<i>`, as torch names them."""
     _, stage_sizes = resnet.CONFIGS[name]
     return ["conv1", "bn1"] + [f"layer{k}.{i}" for k, size in enumerate(stage_sizes, start=1) for i in range(size)]
-
-
-def _torch_forward(torch_model, images_nchw, modules):
-    captured = {}  # copied at once: torchvision's in-place ReLU overwrites bn1's output
-    hooks = [torch_model.get_submodule(m).register_forward_hook(
-        lambda _m, _in, out, m=m: captured.__setitem__(m, out.permute(0, 2, 3, 1).numpy().copy()))
-        for m in modules]
-    with torch.no_grad():
-        logits = torch_model(torch.from_numpy(images_nchw)).numpy()
-    for hook in hooks:
-        hook.remove()
-    return captured, logits
-
-
-def _assert_close(ours, theirs, where) -> float:
-    """Checks and returns max |ours - theirs| / max |theirs|."""
-    relative = float(np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max())
-    assert relative <= RTOL, f"{where}: max abs diff is {relative:.3g} of the torch scale"
-    return relative
 
 
 def _check_forward(name: str, images_nchw: np.ndarray, train: bool):
@@ -66,15 +44,14 @@ def _check_forward(name: str, images_nchw: np.ndarray, train: bool):
     float64 = images_nchw.dtype == np.float64
     if train or float64:  # a copy: a training forward updates torch's running statistics
         torch_model = copy.deepcopy(torch_model).train(train).to(torch.float64 if float64 else torch.float32)
-    modules = _compared_modules(name)
-    expected, expected_logits = _torch_forward(torch_model, images_nchw, modules)
+    expected, expected_logits = torch_hooks.torch_outputs(torch_model, images_nchw, _compared_modules(name))
     with jax.enable_x64(float64):  # Flax promotes the float32 weights to the images' dtype
         logits, state = flax_model.apply(variables, jnp.asarray(images_nchw.transpose(0, 2, 3, 1)), train=train,
                                          mutable=["batch_stats"] if train else False, capture_intermediates=True)
     where = f"{name}@{images_nchw.shape[-1]}px {'train' if train else 'eval'} {images_nchw.dtype}"
-    worst = max(_assert_close(functools.reduce(dict.__getitem__, m.split("."), state["intermediates"])
-                              ["__call__"][0], expected[m], f"{where} {m}") for m in modules)
-    return state, torchvision_port.state_dict(torch_model), max(worst, _assert_close(logits, expected_logits, f"{where} logits"))
+    worst = max(torch_hooks.assert_layers_close(state["intermediates"], expected, where),
+                torch_hooks.assert_close(logits, expected_logits, f"{where} logits"))
+    return state, torchvision_port.state_dict(torch_model), worst
 
 
 @pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet18", 224), ("resnet50", 97)])
@@ -98,7 +75,7 @@ def test_train_mode_outputs_and_every_running_statistic_match_torchvision(name, 
     for path, ours in traverse_util.flatten_dict(state["batch_stats"], sep=".").items():
         module, stat = path.rsplit(".", 1)
         torch_key = f"{module}.running_{stat}"
-        worst = max(worst, _assert_close(ours, torch_state[torch_key], f"{name} {torch_key}"))
+        worst = max(worst, torch_hooks.assert_close(ours, torch_state[torch_key], f"{name} {torch_key}"))
         compared += 1
     assert compared == sum(k.endswith(".running_mean") or k.endswith(".running_var") for k in torch_state)
     print(f"{name} train {images.dtype}: max relative diff {worst:.2e} over outputs and {compared} running statistics")
@@ -134,7 +111,8 @@ def test_new_head_is_fresh_and_the_rest_is_ported():
 def test_wrong_depth_lists_mismatches_by_key():
     state_dict = torchvision_port.state_dict(torchvision.models.resnet34())
     with pytest.raises(convert.WeightMismatchError) as e:
-        convert.port(state_dict, weight_map("resnet18"), torchvision_port.variable_shapes(models.build("resnet18")), "resnet18")
+        convert.port(state_dict, weight_map("resnet18"), torchvision_port.variable_shapes(models.build("resnet18")),
+                     "resnet18")
     message = str(e.value)
     assert "checkpoint does not fit resnet18" in message
     # resnet34's extra blocks (layer1.2, ...) are named, with shapes; nothing resnet18 has is missing.

@@ -19,45 +19,23 @@ from xfer import models
 from xfer.models import vgg
 from xfer.weights import convert, weight_map
 
+import torch_hooks
 import torchvision_port
-
-# max |flax - torch| <= RTOL * max |torch|, per layer.
-RTOL = 1e-4
-
-
-def _torch_activations(torch_model, images_nchw, indices):
-    captured = {}  # copied at once: torchvision's in-place ReLU overwrites conv outputs
-    hooks = [torch_model.features[i].register_forward_hook(
-        lambda _m, _in, out, i=i: captured.__setitem__(i, out.permute(0, 2, 3, 1).numpy().copy()))
-        for i in indices]
-    with torch.no_grad():
-        logits = torch_model(torch.from_numpy(images_nchw)).numpy()
-    for hook in hooks:
-        hook.remove()
-    return captured, logits
-
-
-def _assert_close(ours, theirs, where):
-    scale = np.abs(theirs).max()
-    err = np.abs(np.asarray(ours) - theirs).max()
-    assert err <= RTOL * scale, f"{where}: max abs diff {err:.3g} vs activation scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("name", ["vgg16", "vgg11_bn"])
 def test_every_layer_and_logits_match_torchvision(name):
     torch_model, flax_model, variables = torchvision_port.torch_and_flax(name)
-    indices = [i for i, kind, _ in vgg.feature_layers(vgg.CONFIGS[name[:5]], name.endswith("_bn"))
+    modules = [f"features.{i}" for i, kind, _ in vgg.feature_layers(vgg.CONFIGS[name[:5]], name.endswith("_bn"))
                if kind != "pool"]
     rng = np.random.default_rng(0)
     for size in (32, 224):
         images = rng.standard_normal((2, 3, size, size), dtype=np.float32)
-        expected, expected_logits = _torch_activations(torch_model, images, indices)
+        expected, expected_logits = torch_hooks.torch_outputs(torch_model, images, modules)
         logits, state = flax_model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)),
                                          capture_intermediates=True)
-        ours = state["intermediates"]["features"]
-        for i in indices:
-            _assert_close(ours[str(i)]["__call__"][0], expected[i], f"{name}@{size} features.{i}")
-        _assert_close(logits, expected_logits, f"{name}@{size} logits")
+        torch_hooks.assert_layers_close(state["intermediates"], expected, f"{name}@{size}")
+        torch_hooks.assert_close(logits, expected_logits, f"{name}@{size} logits")
 
 
 def test_classifier_rows_follow_torch_flatten_order():
@@ -117,11 +95,11 @@ def test_train_mode_outputs_and_running_statistics_match_torchvision():
     flax_model = flax_model.clone(dropout_rate=0.0)
     logits, updated = flax_model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), train=True,
                                        mutable=["batch_stats"])
-    _assert_close(logits, expected_logits, "train-mode logits")
+    torch_hooks.assert_close(logits, expected_logits, "train-mode logits")
     torch_state = torch_model.state_dict()
     for index, kind, _ in vgg.feature_layers(vgg.CONFIGS["vgg11"], batch_norm=True):
         if kind == "bn":
             ours = updated["batch_stats"]["features"][str(index)]
             for ours_key, torch_key in (("mean", "running_mean"), ("var", "running_var")):
-                _assert_close(ours[ours_key], torch_state[f"features.{index}.{torch_key}"].numpy(),
-                              f"features.{index}.{torch_key}")
+                torch_hooks.assert_close(ours[ours_key], torch_state[f"features.{index}.{torch_key}"].numpy(),
+                                         f"features.{index}.{torch_key}")

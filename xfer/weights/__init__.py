@@ -10,7 +10,6 @@ hub cache, else downloaded), or a path to a `.pth` / `.safetensors` file.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -18,35 +17,22 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from xfer.models import resnet as _resnet_model
-from xfer.models import vgg as _vgg_model
-from xfer.models import vit as _vit_model
-from xfer.weights import efficientnet_lite as _efficientnet_lite
-from xfer.weights import resnet as _resnet
+from xfer import models
 from xfer.weights import sources
-from xfer.weights import vgg as _vgg
-from xfer.weights import vit as _vit
 from xfer.weights.convert import Entry, PortReport, WeightMap, WeightMismatchError, copy, port
 from xfer.weights.torch_pickle import CheckpointFormatError, UnsafeCheckpointError, load_pth
 
 __all__ = ["CheckpointFormatError", "PortReport", "UnsafeCheckpointError", "WeightMismatchError",
            "initialise_new", "load", "port_same_names", "read", "weight_map"]
 
-_WEIGHT_MAPS = {
-    **{n: functools.partial(_vgg.weight_map, n) for n in _vgg_model.CONFIGS},
-    **{f"{n}_bn": functools.partial(_vgg.weight_map, f"{n}_bn") for n in _vgg_model.CONFIGS},
-    "efficientnet_lite0": _efficientnet_lite.weight_map,
-    **{n: functools.partial(_resnet.weight_map, n) for n in _resnet_model.CONFIGS},
-    **{n: functools.partial(_vit.weight_map, n) for n in _vit_model.CONFIGS},
-}
-
 
 def weight_map(model_name: str) -> WeightMap:
-    try:
-        return _WEIGHT_MAPS[model_name]()
-    except KeyError:
-        raise ValueError(f"no torch weight map for model {model_name!r}; "
-                         f"maps exist for: {', '.join(sorted(_WEIGHT_MAPS))}") from None
+    """The torch weight map `model_name` registered (`xfer.models.ModelInfo.weight_map`)."""
+    make = models.info(model_name).weight_map
+    if make is None:
+        mapped = sorted(name for name, model in models.MODELS.items() if model.weight_map)
+        raise ValueError(f"no torch weight map for model {model_name!r}; maps exist for: {', '.join(mapped)}")
+    return make()
 
 
 def read(path: str | Path) -> dict[str, np.ndarray]:
@@ -78,8 +64,7 @@ def port_same_names(source: Mapping[str, np.ndarray], model_name: str, variables
     saved tensor used, every variable filled, and only the head may differ
     in shape (then it stays freshly initialised).
     """
-    identity = WeightMap(tuple(Entry(path, path, "copy", copy) for path in source),
-                         head=weight_map(model_name).head)
+    identity = WeightMap(tuple(Entry(path, path, "copy", copy) for path in source), head=models.info(model_name).head)
     return port(source, identity, variables, model_name)
 
 

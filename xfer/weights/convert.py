@@ -52,7 +52,9 @@ class WeightMap:
     """
 
     entries: tuple[Entry, ...]
-    head: tuple[str, ...] = ()  # target prefixes, e.g. 'params/classifier/6/'
+    # The model's registered head regex (xfer.models.ModelInfo.head), over target paths without
+    # their collection: '^classifier/6/' takes 'params/classifier/6/kernel'.
+    head: str | None = None
     # (regex, replacement) pairs that bring keys of files saved under a module's older names to
     # today's before matching, as torch's `_load_from_state_dict` hooks do: torchvision's ViT
     # files predate its MLP rename (`mlp.linear_1` is today's `mlp.0`).
@@ -165,6 +167,7 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
     """
     targets = traverse_util.flatten_dict(dict(variables), sep="/")
     state_dict = _current_names(state_dict, weight_map.legacy_names)
+    head = re.compile(weight_map.head) if weight_map.head else None
     ported, rows, new_head, resized, problems = {}, [], [], [], []
     used = set()
     for e in weight_map.entries:
@@ -194,7 +197,7 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
             transform = f"{e.transform} + {e.resize_name}"
             resized.append(f"{e.source} {format_shape(source.shape)} -> {format_shape(want)} by {e.resize_name}")
         if value.shape != want:
-            if any(e.target.startswith(h) for h in weight_map.head):
+            if head and head.search(e.target.split("/", 1)[1]):
                 new_head.append(e.target)
                 continue
             problems.append(f"{e.source} {format_shape(source.shape)} -> {e.target} "

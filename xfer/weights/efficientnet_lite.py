@@ -30,4 +30,4 @@ def weight_map() -> WeightMap:
         batchnorm("_bn1", "_bn1"),
         dense("_fc", "_fc"),
     ]
-    return WeightMap(flatten(layers), head=("params/_fc/",))
+    return WeightMap(flatten(layers), head=model.HEAD)

