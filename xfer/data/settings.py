@@ -34,8 +34,8 @@ class DataSettings:
     # digits: share of the 1797 images held out for eval (stratified, always the same split).
     test_fraction: float = 0.2
     # Side of the square images the model sees (None: the model's ModelInfo.input_size). Eval images
-    # (and train images with augment="none") are the central square of the image resized to it:
-    # the same as "resize the shorter side, center crop", and a plain resize for square images.
+    # (and train images with augment="none") are the image's largest central square resized to it
+    # (`transforms.central_crop`): nothing is cropped away, and a square image is simply resized.
     image_size: int | None = None
     # "crop_flip": the central square resized to image_size * (1 + crop_margin), then a random
     # image_size crop, mirrored left-right half the time if `flip`. "none": exactly like eval.
