@@ -41,7 +41,6 @@ and `scratch` might do better with their own; sweep `optim.backbone.lr` to see.
 import ml_collections
 
 from xfer import data
-
 from xfer.learning import optim
 
 MODELS = {"lite0": "efficientnet_lite0", "vgg16": "vgg16", "resnet50": "resnet50"}

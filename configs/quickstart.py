@@ -10,7 +10,6 @@ Expect ~0.9x test accuracy in a few minutes on 2 CPU cores (README has the measu
 import ml_collections
 
 from xfer import data
-
 from xfer.learning import optim
 
 

@@ -17,7 +17,6 @@ train step at 224 px runs 1.6x (frozen) and 2.3x (full) faster (bench/README.md)
 import ml_collections
 
 from xfer import data
-
 from xfer.learning import optim
 
 

@@ -23,7 +23,6 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xfer.training import checkpoint
-
 from xfer import cli
 from xfer.training.checkpoint import digest
 
@@ -86,6 +85,18 @@ def step_dirs(directory) -> list[int]:
     return sorted(int(p.name) for p in pathlib.Path(directory).iterdir() if p.name.isdigit())
 
 
+def test_the_chrono_comes_back_verified_and_is_empty_for_a_save_without_one(tmp_path):
+    chrono = {"train_seconds": 12.5, "timed_steps": 9, "wall_seconds": 40.25, "attempts": 2}
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, make_state(1), {"position": 1}, CONFIG)
+        ckpt.save(2, make_state(2), {"position": 2}, CONFIG, chrono=chrono)
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore(make_state(0)).chrono == chrono
+    (tmp_path / "2" / "chrono" / "metadata").write_text('{"train_seconds": 0.0}')  # tampered with: step 1
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore(make_state(0))[::3] == (1, {})
+
+
 def test_round_trip_restores_every_leaf_with_the_template_sharding(tmp_path):
     saved = make_state(7)
     with checkpoint.Checkpointer(tmp_path) as ckpt:
@@ -94,7 +105,7 @@ def test_round_trip_restores_every_leaf_with_the_template_sharding(tmp_path):
         assert not ckpt.save(7, saved, {"position": 7}, CONFIG)  # already saved: a no-op
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         assert ckpt.latest_step() == 7
-        step, state, data_state = ckpt.restore(make_state(0))
+        step, state, data_state, _ = ckpt.restore(make_state(0))
     assert step == 7
     assert data_state == {"position": 7, "epoch": [1, 2]}
     assert_state_equal(state, saved)
@@ -111,7 +122,7 @@ def test_restore_onto_abstract_template(tmp_path):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=REPLICATED), make_state(0)
     )
     with checkpoint.Checkpointer(tmp_path) as ckpt:
-        step, state, _ = ckpt.restore(abstract)
+        step, state, _, _ = ckpt.restore(abstract)
     assert step == 3
     assert_state_equal(state, make_state(3))
     assert state.params["classifier"]["kernel"].sharding == REPLICATED
@@ -150,7 +161,7 @@ def test_damaged_latest_falls_back_to_previous_step(tmp_path, caplog):
     with open(biggest, "r+b") as f:
         f.truncate(biggest.stat().st_size // 2)
     with caplog.at_level(logging.WARNING, logger="xfer"), checkpoint.Checkpointer(tmp_path) as ckpt:
-        step, state, data_state = ckpt.restore(make_state(0))
+        step, state, data_state, _ = ckpt.restore(make_state(0))
         assert (step, data_state) == (1, {"position": 1})
         assert_state_equal(state, make_state(1))
         # The damaged step is gone, so the resumed run can write step 2 again.
@@ -234,7 +245,7 @@ def test_kill_during_async_save_keeps_previous_step(tmp_path):
     assert len(left) == 2 and left[0] == "1" and "2" not in left, left
     template = {"params": {"w": jnp.zeros((4,))}}
     with checkpoint.Checkpointer(tmp_path) as ckpt:
-        step, state, data_state = ckpt.restore(template)
+        step, state, data_state, _ = ckpt.restore(template)
         assert (step, data_state) == (1, {"position": 1})
         np.testing.assert_array_equal(state["params"]["w"], np.ones(4))
         assert ckpt.save(2, {"params": {"w": jnp.full((4,), 2.0)}}, {"position": 2}, {})
@@ -276,7 +287,7 @@ def test_damaged_bytes_that_decode_are_caught_by_the_digest(tmp_path, caplog):
                                                          r"match .*\(params/noise differs\); read another"):
         checkpoint.read_variables(tmp_path, 2)
     with caplog.at_level(logging.WARNING, logger="xfer"), checkpoint.Checkpointer(tmp_path) as ckpt:
-        step, state, data_state = ckpt.restore(noisy_state(0))
+        step, state, data_state, _ = ckpt.restore(noisy_state(0))
         assert (step, data_state) == (1, {"position": 1})
         assert ckpt.latest_step() == 1  # the damaged step is deleted like a truncated one
     np.testing.assert_array_equal(state["params"]["noise"], noisy_state(1)["params"]["noise"])
@@ -288,7 +299,7 @@ def test_json_items_and_the_digest_itself_are_covered(tmp_path):
     (tmp_path / "3" / "data_state" / "metadata").write_text('{"position": 33}')  # valid JSON, wrong value
     (tmp_path / "2" / "digest" / "metadata").write_text("")  # the digest unreadable
     with checkpoint.Checkpointer(tmp_path) as ckpt:
-        step, _, data_state = ckpt.restore(make_state(0))
+        step, _, data_state, _ = ckpt.restore(make_state(0))
     assert (step, data_state) == (1, {"position": 1})
     save_steps(tmp_path / "again", [(1, 0.5), (2, 0.6)])
     (tmp_path / "again" / "2" / "digest").rename(tmp_path / "again" / "digest-moved")  # the digest gone
@@ -304,7 +315,7 @@ def test_checkpoints_from_before_the_digest_restore_unverified(tmp_path, caplog)
                                                 config=ocp.args.JsonSave(CONFIG)))
     with caplog.at_level(logging.WARNING, logger="xfer"):
         with checkpoint.Checkpointer(tmp_path) as ckpt:
-            step, state, data_state = ckpt.restore(make_state(0))
+            step, state, data_state, _ = ckpt.restore(make_state(0))
         variables = checkpoint.read_variables(tmp_path)
     assert (step, data_state) == (4, {"position": 4})
     assert_state_equal(state, make_state(4))

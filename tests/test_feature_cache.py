@@ -15,11 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xfer.training import checkpoint, feature_cache, train
-
 from xfer import models
-
-from xfer.learning import norms, partition
+from xfer.learning import optim, plan as freeze_plan
+from xfer.training import checkpoint, feature_cache, train
 
 import numerics
 from configs import quickstart
@@ -82,19 +80,17 @@ def test_a_resumed_run_reuses_the_saved_cache(cached_and_uncached, caplog):
     assert "feature cache: wrote" not in caplog.text
 
 
-def _lite0_parts(rules):
+def _lite0_parts(rules, bn_policy=()):
     model = models.build("efficientnet_lite0", num_classes=10)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-    labels = partition.labels(shapes["params"], rules)
-    policies = norms.policies(shapes["batch_stats"], (), labels)
-    return model, shapes, labels, norms.running_statistics_layers(policies)
+    optim_config = {group: optim.group_config(optimizer="sgd", lr=0.1) for _, group in rules if group != "frozen"}
+    return model, shapes, freeze_plan.build(rules, bn_policy, optim_config, "efficientnet_lite0", shapes)
 
 
 def test_auto_cuts_right_before_the_first_trained_module():
-    model, shapes, labels, running = _lite0_parts((("^_blocks/1[45]/|^_conv_head/|^_bn1/|^_fc/", "top"),
-                                                   (".*", "frozen")))
-    assert feature_cache.check_cut("auto", model, shapes, 32, labels, running) == "_blocks/13"
-    assert feature_cache.check_cut("_blocks/10", model, shapes, 32, labels, running) == "_blocks/10"
+    model, shapes, plan = _lite0_parts((("^_blocks/1[45]/|^_conv_head/|^_bn1/|^_fc/", "top"), (".*", "frozen")))
+    assert feature_cache.check_cut("auto", model, shapes, 32, plan) == "_blocks/13"
+    assert feature_cache.check_cut("_blocks/10", model, shapes, 32, plan) == "_blocks/10"
 
 
 @pytest.mark.parametrize("cut, message", [
@@ -102,16 +98,18 @@ def test_auto_cuts_right_before_the_first_trained_module():
     ("_blocks/99", "is not a module of the model"),
 ])
 def test_a_cut_that_is_not_a_frozen_prefix_is_refused(cut, message):
-    model, shapes, labels, running = _lite0_parts((("^_blocks/1[45]/|^_conv_head/|^_bn1/|^_fc/", "top"),
-                                                   (".*", "frozen")))
+    model, shapes, plan = _lite0_parts((("^_blocks/1[45]/|^_conv_head/|^_bn1/|^_fc/", "top"), (".*", "frozen")))
     with pytest.raises(feature_cache.FeatureCacheError, match=message):
-        feature_cache.check_cut(cut, model, shapes, 32, labels, running)
+        feature_cache.check_cut(cut, model, shapes, 32, plan)
 
 
 def test_batch_statistics_before_the_cut_are_refused():
-    model, shapes, labels, _ = _lite0_parts((("^_fc/", "head"), (".*", "frozen")))
-    with pytest.raises(feature_cache.FeatureCacheError, match="BatchNorm _blocks/0/_bn1 runs before _bn1 on batch statistics"):
-        feature_cache.check_cut("_bn1", model, shapes, 32, labels, frozenset({"_bn0"}))
+    model, shapes, plan = _lite0_parts((("^_fc/", "head"), (".*", "frozen")),
+                                       bn_policy=(("^_bn0$", "stats_frozen"), (".*", "train")))
+    assert plan.running_stats_layers == frozenset({"_bn0"})
+    with pytest.raises(feature_cache.FeatureCacheError,
+                       match="BatchNorm _blocks/0/_bn1 runs before _bn1 on batch statistics"):
+        feature_cache.check_cut("_bn1", model, shapes, 32, plan)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -92,24 +92,25 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
     from xfer import models
-    from xfer.learning import optim, partition
-    from xfer.training import step
+    from xfer.learning import optim, plan as freeze_plan
+    from xfer.training import mesh as mesh_lib, step
     rtol, atol = float(sys.argv[1]), float(sys.argv[2])
     assert jax.device_count() == 8
     model = models.build("resnet18", num_classes=4)
     # On host: the train step donates its state, and a 1-device replica may alias these buffers.
     variables = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     variables = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)  # Flax computes in their dtype
-    labels = partition.labels(variables["params"], ((".*", "all"),))
-    tx = optim.build({"all": optim.group_config(optimizer="sgd", lr=0.1)}, labels, 10)
+    plan = freeze_plan.build(((".*", "all"),), (), {"all": optim.group_config(optimizer="sgd", lr=0.1)},
+                             "resnet18", variables)
+    tx = plan.optimizer(10)
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((16, 32, 32, 3)), "label": rng.integers(0, 4, 16).astype(np.int32)}
     results = {}
     for name, devices, cross in (("one", 1, True), ("eight", 8, True), ("eight_per_device", 8, False)):
         mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
-        state = step.replicate(step.create_state(variables, tx, 0), mesh)
-        train_step = step.make_train_step(model, tx, labels, mesh, frozenset(), cross)
-        state, _ = train_step(state, step.global_batch(batch, mesh))
+        state = mesh_lib.replicate(step.create_state(variables, tx, 0), mesh)
+        train_step = step.make_train_step(model, tx, plan, mesh, cross)
+        state, _ = train_step(state, mesh_lib.global_batch(batch, mesh))
         results[name] = {"stats": jax.tree.leaves(jax.device_get(state.batch_stats)),
                          "params": jax.tree.leaves(jax.device_get(state.params))}
         del state

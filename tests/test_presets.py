@@ -16,19 +16,27 @@ import ml_collections
 import pytest
 
 from xfer import models
-
-from xfer.learning import optim, partition, presets
+from xfer.learning import norms, optim, partition, presets
+from xfer.learning import plan as freeze_plan
 from xfer.learning.partition import PartitionError
 
 SIZES = {"vit_b_16": 224}  # ViT's position embedding fixes its input size; the rest take 32 px
 
 
 @functools.lru_cache(maxsize=None)
-def param_shapes(model_name: str):
+def variable_shapes(model_name: str):
     size = SIZES.get(model_name, 32)
     model = models.build(model_name, num_classes=10)
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+
+
+def param_shapes(model_name: str):
+    return variable_shapes(model_name)["params"]
+
+
+def expand(setting: str, model_name: str):
+    return presets.expand(presets.parse(setting), model_name, param_shapes(model_name))
 
 
 def paths(model_name: str) -> list[str]:
@@ -37,7 +45,7 @@ def paths(model_name: str) -> list[str]:
 
 
 def trainable(model_name: str, preset: str) -> set[str]:
-    rules, _ = presets.resolve(preset, model_name, param_shapes(model_name))
+    rules = expand(preset, model_name)
     labels = partition.labels(param_shapes(model_name), rules)
     return {path for path, group in zip(paths(model_name), jax.tree.leaves(labels)) if group != partition.FROZEN}
 
@@ -72,7 +80,7 @@ def test_presets_select_the_right_parameters(model_name):
         assert matching(model_name, norms)
     else:
         with pytest.raises(PartitionError, match="norm_only' finds no normalisation layer in vgg16"):
-            presets.resolve("norm_only", model_name, param_shapes(model_name))
+            expand("norm_only", model_name)
 
 
 @pytest.mark.parametrize("model_name, blocks", [("vgg16", 7), ("vgg11_bn", 7), ("efficientnet_lite0", 9),
@@ -93,19 +101,29 @@ def test_every_registered_model_has_head_and_blocks_taking_each_parameter_once(m
         assert matching(model_name, regex), regex
 
 
+def plan(setting, bn_policy=(), optim_config=None, model_name="resnet18"):
+    optim_config = optim_config or {"head": optim.group_config(optimizer="sgd", lr=0.1),
+                                    "backbone": optim.group_config(optimizer="sgd", lr=0.01)}
+    return freeze_plan.build(setting, bn_policy, optim_config, model_name, variable_shapes(model_name))
+
+
 def test_scratch_overrides_init_and_the_rest_keep_it():
-    shapes = param_shapes("resnet18")
-    assert presets.resolve("scratch", "resnet18", shapes)[1] == "scratch"
-    assert presets.resolve("full", "resnet18", shapes)[1] is None
+    assert plan("scratch").init_override == "scratch"
+    assert plan("full").init_override is None
     rules = (("^fc/", "head"), (".*", "frozen"))
-    assert presets.resolve(rules, "resnet18", shapes) == (rules, None)
+    assert plan(rules, optim_config={"head": optim.group_config(optimizer="sgd", lr=0.1)}).init_override is None
 
 
 def test_scratch_trains_batchnorm_statistics_whatever_the_policy_the_rest_keep_it():
     pretrained_statistics = ((".*", "stats_frozen"),)
-    assert presets.bn_rules("scratch", pretrained_statistics) == ()
-    assert presets.bn_rules("full", pretrained_statistics) == pretrained_statistics
-    assert presets.bn_rules(((".*", "all"),), pretrained_statistics) == pretrained_statistics
+    assert presets.bn_rules(presets.parse("scratch"), pretrained_statistics) == ()
+    assert presets.bn_rules(presets.parse("full"), pretrained_statistics) == pretrained_statistics
+    assert plan("scratch", pretrained_statistics).running_stats_layers == frozenset()
+    assert plan("full", pretrained_statistics).running_stats_layers == frozenset(
+        norms.batch_norm_paths(variable_shapes("resnet18")["batch_stats"]))
+    rules = ((".*", "head"),)
+    assert plan(rules, pretrained_statistics, {"head": optim.group_config(optimizer="sgd", lr=0.1)}
+                ).running_stats_layers == plan("full", pretrained_statistics).running_stats_layers
 
 
 def test_a_preset_given_as_a_command_line_override_of_a_rules_field_counts():
@@ -124,7 +142,7 @@ def test_a_preset_given_as_a_command_line_override_of_a_rules_field_counts():
 ])
 def test_bad_presets_are_one_line_errors_naming_the_choices(setting, message):
     with pytest.raises(PartitionError, match=message) as error:
-        presets.resolve(setting, "resnet18", param_shapes("resnet18"))
+        expand(setting, "resnet18")
     assert "\n" not in str(error.value)
 
 
@@ -133,12 +151,14 @@ def test_presets_drop_unused_optimizer_specs_explicit_rules_do_not():
         "head": optim.group_config(optimizer="adam", lr=1e-2),
         "backbone": optim.group_config(optimizer="adam", lr=1e-3),
     })
-    shapes = param_shapes("resnet18")
-    rules, _ = presets.resolve("linear_probe", "resnet18", shapes)
-    labels = partition.labels(shapes, rules)
-    assert list(presets.optim_specs(config, "linear_probe", labels)) == ["head"]
-    optim.build(presets.optim_specs(config, "linear_probe", labels), labels, total_steps=10)
+    probe = plan("linear_probe", optim_config=config)
+    assert list(probe.optim_specs) == ["head"]
+    probe.optimizer(total_steps=10)
     explicit = (("^fc/", "head"), (".*", "frozen"))
-    assert presets.optim_specs(config, explicit, labels) is config
     with pytest.raises(optim.OptimConfigError, match="config.optim.backbone is used by no partition rule"):
-        optim.build(presets.optim_specs(config, explicit, labels), labels, total_steps=10)
+        plan(explicit, optim_config=config)
+
+
+def test_the_plan_counts_the_trainable_parameters():
+    fc = param_shapes("resnet18")["fc"]
+    assert plan("linear_probe").trainable_parameters == fc["kernel"].size + fc["bias"].size == 512 * 10 + 10

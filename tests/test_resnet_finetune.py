@@ -11,10 +11,8 @@ import numpy as np
 from flax import traverse_util
 
 from xfer import models
-
-from xfer.learning import norms, optim, partition
-
-from xfer.training import step
+from xfer.learning import optim, plan as freeze_plan
+from xfer.training import mesh as mesh_lib, step
 
 RULES = (("^layer4/|^fc/", "top"), (".*", "frozen"))
 
@@ -22,18 +20,18 @@ RULES = (("^layer4/|^fc/", "top"), (".*", "frozen"))
 def test_frozen_stages_are_bitwise_unchanged_and_stage_four_and_head_move():
     model = models.build("resnet18", num_classes=10)
     variables = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-    labels = partition.labels(variables["params"], RULES)
-    policies = norms.policies(variables["batch_stats"], (), labels)
-    assert policies["layer3/1/bn2"] == "frozen" and policies["layer4/0/bn1"] == "train"
-    tx = optim.build({"top": optim.group_config(optimizer="sgd", lr=0.1, momentum=0.9)}, labels, 3)
-    mesh = step.data_mesh()
-    state = step.replicate(step.create_state(variables, tx, 0), mesh)
-    train_step = step.make_train_step(model, tx, labels, mesh, norms.running_statistics_layers(policies))
+    plan = freeze_plan.build(RULES, (), {"top": optim.group_config(optimizer="sgd", lr=0.1, momentum=0.9)},
+                             "resnet18", variables)
+    assert plan.bn_policies["layer3/1/bn2"] == "frozen" and plan.bn_policies["layer4/0/bn1"] == "train"
+    tx = plan.optimizer(3)
+    mesh = mesh_lib.data_mesh()
+    state = mesh_lib.replicate(step.create_state(variables, tx, 0), mesh)
+    train_step = step.make_train_step(model, tx, plan, mesh)
     rng = np.random.default_rng(0)
     for _ in range(3):
         batch = {"image": rng.standard_normal((8, 32, 32, 3), dtype=np.float32),
                  "label": rng.integers(0, 10, 8).astype(np.int32)}
-        state, _ = train_step(state, step.global_batch(batch, mesh))
+        state, _ = train_step(state, mesh_lib.global_batch(batch, mesh))
 
     before = {**_flat("params", variables["params"]), **_flat("batch_stats", variables["batch_stats"])}
     after = {**_flat("params", jax.device_get(state.params)),

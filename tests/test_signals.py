@@ -204,7 +204,8 @@ sys.exit(130)
 
 
 def test_the_launcher_forwards_ctrl_c_and_waits_for_every_process_to_stop():
-    launcher = subprocess.Popen([sys.executable, "-m", "xfer.scaling.multiprocess", "-n", "2", "--", "-c", STOPS_ON_CTRL_C],
+    launcher = subprocess.Popen([sys.executable, "-m", "xfer.scaling.multiprocess", "-n", "2", "--",
+                                 "-c", STOPS_ON_CTRL_C],
                                 cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = [launcher.stdout.readline() for _ in range(2)]

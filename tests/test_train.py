@@ -39,7 +39,6 @@ from flax import traverse_util
 from PIL import Image
 
 from xfer.training import checkpoint, step as step_lib, train
-
 from xfer.learning import optim
 from xfer.training import workdir as workdir_lib
 
@@ -132,8 +131,10 @@ def test_launch_trains_evaluates_and_writes_every_report(vgg_run):
     for row in train_rows:
         assert {"loss", "accuracy", "grad_norm", "lr/classifier"} <= set(row), row
         assert np.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["lr/classifier"] == 1e-3
-    # The rate is measured from the end of the first (compiling) step on.
-    assert all(r["images_per_s"] > 0 for r in train_rows[1:])
+    # Rates are measured from the end of the first (compiling) step on, over the global batch of 8.
+    assert "steps_per_s" not in train_rows[0] and "images_per_s" not in train_rows[0]
+    for row in train_rows[1:]:
+        assert np.isfinite(row["steps_per_s"]) and row["images_per_s"] == pytest.approx(8 * row["steps_per_s"])
     assert [r["step"] for r in eval_rows] == [2, 4]
     assert all({"eval_accuracy", "eval_top5", "eval_macro_f1"} <= set(r) for r in eval_rows)
 

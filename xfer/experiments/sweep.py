@@ -220,7 +220,6 @@ def _main() -> None:
             import jax
 
             from xfer.experiments import ablation
-
             from xfer.training import workdir
 
             if not jax.config.jax_compilation_cache_dir:  # runs that differ in seed only compile once

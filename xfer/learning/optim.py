@@ -67,7 +67,7 @@ def group_config(**fields) -> ml_collections.ConfigDict:
 
 def build(optim_config: Mapping, labels, total_steps: int) -> optax.GradientTransformation:
     """`optax.partition` of one transformation per group in `labels`, `set_to_zero` for frozen."""
-    specs = _group_specs(optim_config, labels)
+    specs = group_specs(optim_config, labels)
     transforms = {group: _group_transform(group, spec, total_steps) for group, spec in specs.items()}
     transforms[FROZEN] = optax.set_to_zero()
     return optax.partition(transforms, labels)
@@ -99,7 +99,7 @@ def _items(optim_config: Mapping):
     return [(group, optim_config[group]) for group in optim_config.keys()]
 
 
-def _group_specs(optim_config: Mapping, labels) -> dict[str, dict[str, Any]]:
+def group_specs(optim_config: Mapping, labels) -> dict[str, dict[str, Any]]:
     """Validated, default-completed spec of every trainable group in `labels`."""
     configured = dict(_items(optim_config))
     if FROZEN in configured:

@@ -28,6 +28,7 @@ optimizer state, and keeps it out of clipping and gradient norms.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Any, Sequence
 
@@ -211,6 +212,6 @@ def optimizer_state_bytes(opt_state) -> int:
 
 
 def count_trainable(params, labels_tree) -> int:
-    """Parameters outside the frozen group: the number ablation tables compare."""
-    return sum(int(np.size(leaf)) for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels_tree))
+    """Parameters outside the frozen group: the number ablation tables compare. `params` may be shapes."""
+    return sum(math.prod(leaf.shape) for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels_tree))
                if label != FROZEN)

@@ -7,8 +7,8 @@ rules, so the group table, the coverage checks and "frozen means free" apply
 unchanged. It makes up to three groups: `head` (the classifier, the model's
 `ModelInfo.head`), `backbone` (everything else the preset trains) and `frozen`.
 A config written for presets carries optimizer specs for `head` and `backbone`;
-for a preset, the trainer drops the spec of a group it leaves empty
-(`optim_specs`), so one config serves every preset of an ablation.
+for a preset, the freeze plan drops the spec of a group it leaves empty
+(`xfer.learning.plan`), so one config serves every preset of an ablation.
 
   linear_probe   the head only
   last_k:K       the last K blocks (`ModelInfo.blocks`: VGG's conv stages and hidden
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 
@@ -51,6 +51,11 @@ _NORM_PARAMS = {"scale", "bias"}
 class Preset(NamedTuple):
     name: str  # one of NAMES without ":K"
     k: int | None  # last_k's K; None for the others
+
+    @property
+    def init_override(self) -> str | None:
+        """The init the preset imposes ("scratch" trains from random weights); None keeps config.init."""
+        return "scratch" if self.name == "scratch" else None
 
 
 def parse(setting) -> Preset | None:
@@ -76,15 +81,11 @@ def parse(setting) -> Preset | None:
     return Preset(LAST_K, int(k))
 
 
-def resolve(setting, model_name: str, param_shapes) -> tuple[Sequence, str | None]:
-    """(rules for `xfer.learning.partition.labels`, init override): a preset expanded, explicit rules as given.
+def expand(preset: Preset, model_name: str, param_shapes) -> tuple:
+    """The `xfer.learning.partition` rules `preset` means for `model_name`'s parameters.
 
-    The init override is "scratch" for the `scratch` preset and None otherwise
-    (config.init stands). `param_shapes` is the params tree, e.g. from `jax.eval_shape`.
+    `param_shapes` is the params tree, e.g. from `jax.eval_shape`.
     """
-    preset = parse(setting)
-    if preset is None:
-        return setting, None
     info = _preset_info(model_name)
     _check_k(preset, info)
     paths = [path_str(key_path) for key_path, _ in jax.tree_util.tree_flatten_with_path(param_shapes)[0]]
@@ -100,39 +101,25 @@ def resolve(setting, model_name: str, param_shapes) -> tuple[Sequence, str | Non
         rules.append((backbone, BACKBONE))
     if not all(any(re.search(regex, path) for regex, _ in rules) for path in paths):
         rules.append((".*", FROZEN))
-    init = "scratch" if preset.name == "scratch" else None
     log.info("partition preset %r on %s: %s%s", _spelled(preset), model_name,
              ", ".join(f"({_shortened(regex)!r}, {group!r})" for regex, group in rules),
-             "; init: scratch" if init else "")
-    return tuple(rules), init
+             f"; init: {preset.init_override}" if preset.init_override else "")
+    return tuple(rules)
 
 
-def bn_rules(setting, bn_policy: Sequence) -> Sequence:
-    """`config.bn_policy` for the run: as given, except `()` (every BatchNorm layer `train`) for `scratch`.
+def bn_rules(preset: Preset, bn_policy: Sequence) -> Sequence:
+    """`config.bn_policy` under `preset`: as given, except `()` (every BatchNorm layer `train`) for `scratch`.
 
     A random network has no running statistics worth keeping: under `frozen` or
     `stats_frozen` it would normalise with the initial 0 and 1, i.e. not at all,
     and a sweep whose pretrained masks keep their ImageNet statistics would hand
     its baseline a crippled network (Lite0 on CIFAR at 96 px: 0.16 after 100 steps).
     """
-    preset = parse(setting)
-    if preset is None or preset.name != "scratch" or not bn_policy:
+    if preset.name != "scratch" or not bn_policy:
         return bn_policy
     log.info("partition preset 'scratch': every BatchNorm layer trains on batch statistics "
              "(config.bn_policy is for pretrained statistics, which a random initialisation lacks)")
     return ()
-
-
-def optim_specs(optim_config: Mapping, setting, labels) -> Mapping:
-    """`config.optim` for `xfer.learning.optim.build`: for a preset, only the specs of the groups in `labels`.
-
-    Explicit rules keep optim.build's strictness (a spec no rule uses is an error);
-    a preset leaves groups empty by design (`linear_probe` has no backbone).
-    """
-    if parse(setting) is None:
-        return optim_config
-    used = set(jax.tree.leaves(labels))
-    return {group: optim_config[group] for group in optim_config.keys() if group in used}
 
 
 def _spelled(preset: Preset) -> str:

@@ -17,7 +17,6 @@ two levels of modules.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,8 +30,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xfer.learning import norms, partition
-
+from xfer.learning.plan import FreezePlan
 from xfer.scaling import preemption
+from xfer.training import mesh as mesh_lib
 
 log = logging.getLogger("xfer")
 
@@ -109,13 +109,12 @@ def _prefix_problem(cut: str, entered: list[str], modules: _Modules) -> str | No
     return None
 
 
-def check_cut(cut: str, model, variable_shapes, image_size: int, labels,
-              running_stats_layers: frozenset[str]) -> str:
+def check_cut(cut: str, model, variable_shapes, image_size: int, plan: FreezePlan) -> str:
     """The cut module path to use for `cut` (a module path or "auto"); raises if it is not a frozen prefix."""
     events, dropouts = _call_trace(model, variable_shapes, image_size)
-    modules = _Modules(_owns_only_frozen(labels), partition.frozen_modules(labels),
+    modules = _Modules(_owns_only_frozen(plan.labels), partition.frozen_modules(plan.labels),
                        frozenset(norms.batch_norm_paths(variable_shapes.get("batch_stats", {}))),
-                       running_stats_layers, dropouts)
+                       plan.running_stats_layers, dropouts)
     entered, valid = [], []
     for event, path in events:
         if event == "enter":
@@ -137,6 +136,19 @@ def check_cut(cut: str, model, variable_shapes, image_size: int, labels,
     shallow = [p for event, p in events if event == "exit" and p and p.count("/") < _AUTO_MAX_DEPTH]
     raise FeatureCacheError(f"feature_cache={cut!r} is not a module of the model; use 'auto' or a module "
                             f"path such as {', '.join(shallow[-6:])}")
+
+
+def choose_cut(setting: str, augment: str, model, variable_shapes, image_size: int, plan: FreezePlan) -> str | None:
+    """The module whose output a run caches (`config.feature_cache`: "", "auto" or a module path),
+    checked before any work; None for no cache."""
+    if not setting:
+        return None
+    if augment != "none":
+        raise FeatureCacheError(f"feature_cache={setting!r} needs un-augmented training images, but "
+                                f"config.data.augment={augment!r}; set config.data.augment='none' or feature_cache=''")
+    cut = check_cut(setting, model, variable_shapes, image_size, plan)
+    log.info("feature cache: training from the cached output of %s", cut)
+    return cut
 
 
 def _owns_only_frozen(labels) -> dict[str, bool]:
@@ -167,19 +179,27 @@ def make_feature_step(model, cut: str, mesh):
     return jax.jit(features, out_shardings=NamedSharding(mesh, P()))
 
 
+def cached_data(data, feature_step, cut: str, state, mesh, workdir: Path):
+    """`data` (`xfer.data.Data`) over the cut's features of each split, computed once or read from the workdir."""
+    def split_features(split: str, batches, count: int):
+        return cached_features(
+            workdir, {"split": split, "cut": cut},
+            lambda: compute(feature_step, state.params, state.batch_stats, batches(), count, mesh))
+
+    return data.with_features(split_features("train", data.train_pass, data.num_train),
+                              split_features("eval", data.eval_batches, data.num_eval))
+
+
 def compute(feature_step, params, batch_stats, batches, count: int, mesh) -> tuple[np.ndarray, np.ndarray]:
     """(features, labels) of `count` examples, placed by each batch's "index", from one pass.
 
     Each batch ends at a preemption boundary: a SIGTERM or Ctrl-C stops the pass there
     (`preemption.Preempted`, on every process at the same batch), and nothing is written.
     """
-    from xfer.training import step as step_lib  # the step module imports this one
-
     features = labels = None
     filled = 0
     for batch in batches:
-        global_batch = step_lib.global_batch(batch, mesh)
-        out, label, index, mask = jax.device_get(feature_step(params, batch_stats, global_batch))
+        out, label, index, mask = jax.device_get(feature_step(params, batch_stats, mesh_lib.global_batch(batch, mesh)))
         if features is None:
             features = np.zeros((count,) + out.shape[1:], out.dtype)
             labels = np.zeros((count,), np.int32)
@@ -232,9 +252,11 @@ def _write(path: Path, tmp: Path, features: np.ndarray, labels: np.ndarray) -> N
         raise FeatureCacheWriteError(*((error.errno, message) if error.errno else (message,))) from None
 
 
-def model_inputs(batch, cut: str | None, image_size: int):
-    """(images, context) for a step: real images, or zeros plus the cached features substituted."""
-    if cut is None:
-        return batch["image"], contextlib.nullcontext()
-    images = jnp.zeros((batch["image"].shape[0], image_size, image_size, 3), jnp.float32)
-    return images, substituted(cut, batch["image"])
+def inputs(cut: str, image_size: int):
+    """`xfer.training.step.ModelInputs` for a batch whose "image" holds the cut's cached output:
+    zero images (what fed the cut is unused, so XLA removes it) with the features substituted."""
+    def cached(batch):
+        images = jnp.zeros((batch["image"].shape[0], image_size, image_size, 3), jnp.float32)
+        return images, substituted(cut, batch["image"])
+
+    return cached

@@ -1,7 +1,7 @@
 """Will a run fit in memory? Answered from XLA's compiled programs before the workdir is touched.
 
-`--config.data.image_size=10000` used to allocate for 100 s and then die with
-a MemoryError traceback, its workdir already claimed. A compiled program
+Without this check, `--config.data.image_size=10000` allocates for 100 s and
+then dies with a MemoryError traceback, its workdir already claimed. A compiled program
 knows its own footprint: `memory_analysis()` gives the bytes of its
 arguments, outputs and temporaries per device, so a step that cannot fit is
 refused in the time it takes to compile it, which the run pays anyway (the

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Mapping
 
 import jax
 
@@ -33,39 +34,57 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-class StepClock:
-    """Mean seconds per train step in steady state, the cost an ablation table compares.
+class Chrono:
+    """A run's cost across every attempt that resumed it: the seconds a sweep table reports.
 
-    Timing starts after the first (compiling) step, and evaluation and
-    checkpointing are left out (`paused`), so masks compare on what a training
-    step costs. Steps are dispatched asynchronously: `paused` and
-    `seconds_per_step` first wait for the state, so pending steps are charged
-    to training.
+    `seconds_per_step` is steady-state training: each attempt's first
+    (compiling) step, evaluation and checkpointing are left out (`paused`), so
+    masks compare on what a training step costs. `wall_seconds` is everything,
+    start-up included. Both add up over attempts through `saved()`, which goes
+    into every checkpoint (big_vision's `Chrono`): an attempt's time after its
+    last checkpoint is lost with the steps it redoes. Steps are dispatched
+    asynchronously, so `paused` and the totals first wait for the state.
     """
 
-    def __init__(self):
-        self._start_time, self._start_step, self._paused_seconds = None, None, 0.0
+    def __init__(self, attempt_started: float, saved: Mapping[str, float] | None = None):
+        """`attempt_started`: `time.perf_counter()` when this attempt began; `saved`: the restored `saved()`."""
+        saved = saved or {}
+        self._before = {key: saved.get(key, 0) for key in ("train_seconds", "timed_steps", "wall_seconds", "attempts")}
+        self._attempt_started = attempt_started
+        self._start_time, self._start_step, self._paused_seconds, self._paused_at = None, None, 0.0, None
 
     def start(self, step: int) -> None:
-        """Called once `step`, the first of this process, has finished."""
+        """Called once `step`, the first of this attempt, has finished."""
         self._start_time, self._start_step = time.perf_counter(), step
 
     @contextlib.contextmanager
     def paused(self, state):
         jax.block_until_ready(state)
-        paused_at = time.perf_counter()
+        self._paused_at = time.perf_counter()
         try:
             yield
         finally:
-            self._paused_seconds += time.perf_counter() - paused_at
+            self._paused_seconds += time.perf_counter() - self._paused_at
+            self._paused_at = None
 
-    def seconds_per_step(self, state, last_step: int) -> float | None:
-        """None when fewer than two steps ran in this process (nothing after the compiling one)."""
-        if self._start_step is None or last_step <= self._start_step:
-            return None
+    def saved(self, step: int) -> dict[str, float]:
+        """The totals up to `step` (the last finished one), for a checkpoint; call it inside `paused`."""
+        now = self._paused_at or time.perf_counter()
+        timed = step - self._start_step if self._start_step is not None else 0
+        train = now - self._start_time - self._paused_seconds if timed > 0 else 0.0
+        return {"train_seconds": self._before["train_seconds"] + train,
+                "timed_steps": self._before["timed_steps"] + timed,
+                "wall_seconds": self._before["wall_seconds"] + now - self._attempt_started,
+                "attempts": self._before["attempts"] + 1}
+
+    def totals(self, state, last_step: int) -> dict[str, float | int | None]:
+        """summary.json's timing: seconds per step (None before two steps of one attempt), wall seconds,
+        attempts."""
         jax.block_until_ready(state)
-        elapsed = time.perf_counter() - self._start_time - self._paused_seconds
-        return elapsed / (last_step - self._start_step)
+        totals = self.saved(last_step)
+        steps = totals["timed_steps"]
+        return {"seconds_per_step": totals["train_seconds"] / steps if steps else None,
+                "wall_seconds": totals["wall_seconds"], "attempts": totals["attempts"]}
 
 
 class Reporter:

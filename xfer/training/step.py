@@ -1,10 +1,10 @@
 """The jitted, data-parallel train and eval steps.
 
-One `jax.jit` each over a `Mesh(('data',))` of every device: parameters and
-optimizer state replicated (`P()`), the batch split along its first axis
-(`P('data')`). XLA inserts the gradient all-reduce, so the same code runs on
-one CPU, 8 simulated devices, a GPU box or a pod slice; on several hosts each
-process contributes its local shard through `global_batch`.
+One `jax.jit` each over the run's `xfer.training.mesh`: state replicated, the
+batch split along 'data', the gradient all-reduce inserted by XLA. What the
+model is fed comes from the caller (`inputs`): the batch's images, or
+(`xfer.training.feature_cache`) zeros with a module's cached output
+substituted, so the step itself knows nothing of caching.
 
 Frozen parameters are selected from the old state at trace time (their
 labels are static strings), so they are bitwise unchanged and XLA drops their
@@ -15,20 +15,22 @@ computes at training what it computes at evaluation.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, ContextManager
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xfer.training import feature_cache
-
 from xfer.learning import optim, partition
+from xfer.learning.plan import FreezePlan
 from xfer.models import layers
+
+# batch -> (what the model is applied to, a context to apply it in)
+ModelInputs = Callable[[dict], tuple[jax.Array, ContextManager]]
 
 
 @flax.struct.dataclass
@@ -47,21 +49,9 @@ def create_state(variables, tx: optax.GradientTransformation, seed: int) -> Trai
                       rng=jax.random.PRNGKey(seed))
 
 
-def data_mesh() -> Mesh:
-    """Every device along 'data', grouped by process in process order: `global_batch` then puts
-    process p's block of the batch after those of processes < p, as xfer.data.pipeline expects."""
-    return Mesh(np.asarray(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ("data",))
-
-
-def replicate(tree, mesh: Mesh):
-    """Puts a host or single-device pytree on every device of `mesh`."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's slice of the batch -> one global array split over 'data'."""
-    sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def images(batch) -> tuple[jax.Array, ContextManager]:
+    """The default `ModelInputs`: the batch's images, the whole network computed."""
+    return batch["image"], contextlib.nullcontext()
 
 
 def _keep_frozen(new, old, frozen_mask):
@@ -94,16 +84,16 @@ def training_modes(running_stats_layers: frozenset[str], frozen_modules: frozens
     return nn.intercept_methods(interceptor)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, mesh: Mesh,
-                    running_stats_layers: frozenset[str], bn_cross_device: bool = True,
-                    cut: str | None = None, image_size: int = 0) -> Callable:
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: FreezePlan, mesh: Mesh,
+                    bn_cross_device: bool = True, inputs: ModelInputs = images) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated. metrics["finite"] is
     False for a step whose loss or gradients were not finite: it changed nothing but the step count.
 
-    Under jit the batch is one global array, so BatchNorm statistics are over
-    the global batch (cross-device) unless `bn_cross_device` is False. With a
-    `cut`, batch["image"] holds that module's cached output (`xfer.training.feature_cache`).
+    `plan` says what is frozen and how each BatchNorm layer normalises. Under
+    jit the batch is one global array, so BatchNorm statistics are over the
+    global batch (cross-device) unless `bn_cross_device` is False.
     """
+    labels, running_stats_layers = plan.labels, plan.running_stats_layers
     params_frozen = partition.frozen_mask(labels)
     frozen_modules = partition.frozen_modules(labels)
     bn_groups = 1 if bn_cross_device else mesh.size
@@ -115,9 +105,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
-            images, cached = feature_cache.model_inputs(batch, cut, image_size)
-            with training_modes(running_stats_layers, frozen_modules, bn_groups), cached:
-                logits, updated = model.apply(variables, images, train=True,
+            x, context = inputs(batch)
+            with training_modes(running_stats_layers, frozen_modules, bn_groups), context:
+                logits, updated = model.apply(variables, x, train=True,
                                               mutable=["batch_stats"], rngs={"dropout": rng})
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
             return loss, (logits, updated.get("batch_stats", {}))
@@ -146,7 +136,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
     return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, cut: str | None = None, image_size: int = 0) -> Callable:
+def make_eval_step(model: nn.Module, mesh: Mesh, inputs: ModelInputs = images) -> Callable:
     """`eval_step(state, batch) -> dict` of per-example prediction, top-5 hit, label and mask.
 
     Per-example outputs (not sums) so the host can build the confusion matrix;
@@ -156,9 +146,9 @@ def make_eval_step(model: nn.Module, mesh: Mesh, cut: str | None = None, image_s
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        images, cached = feature_cache.model_inputs(batch, cut, image_size)
-        with cached:
-            logits = model.apply(variables, images, train=False)
+        x, context = inputs(batch)
+        with context:
+            logits = model.apply(variables, x, train=False)
         k = min(5, logits.shape[-1])
         top_k = jax.lax.top_k(logits, k)[1]
         return {"prediction": top_k[:, 0], "top5": jnp.any(top_k == batch["label"][:, None], axis=-1),

@@ -2,13 +2,14 @@
 
 The flow reads top to bottom, big_vision style, in three parts:
   - `setup` builds everything that can reject the config (numbers, data,
-    model, partition rules, optimizer specs, feature-cache cut) from shapes
-    alone, in seconds; a sweep calls it for every run of its grid first.
+    model, the freeze plan, feature-cache cut) from shapes alone, in
+    seconds; a sweep calls it for every run of its grid first.
   - `_compile` compiles the steps and refuses a run whose programs cannot fit
     in memory (`xfer.training.memory`); the first step reuses what it compiled.
   - Only then is the workdir locked (`xfer.training.workdir`: one writer at a time),
-    claimed or recognised as this config's, the newest good checkpoint
-    restored, and `_loop` trains, evaluates, checkpoints and reports.
+    claimed or recognised as this config's, the variables initialised
+    (`xfer.weights.initialise`), the newest good checkpoint restored, and
+    `_loop` trains, evaluates, checkpoints and reports.
 So bad input never damages an existing run or leaves a claimed, empty one.
 
 A step whose loss or gradients are not finite changes nothing (the step
@@ -21,7 +22,6 @@ never waits for the device that runs ahead of it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -33,23 +33,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xfer.training import checkpoint, evaluate, feature_cache, memory
-
 from xfer import data as data_lib, models
-
-from xfer.scaling import distributed
-
-from xfer.learning import norms, optim
-from xfer.learning import partition, presets
-from xfer.scaling import preemption
-from xfer.training import validate
+from xfer.learning import optim, partition
+from xfer.learning import plan as plan_lib
+from xfer.learning.plan import FreezePlan
+from xfer.scaling import distributed, preemption
+from xfer.training import checkpoint, evaluate, feature_cache, memory, validate
+from xfer.training import mesh as mesh_lib
 from xfer.training import step as step_lib
-from xfer import weights
 from xfer.training import workdir as workdir_lib
-from xfer.training.report import Reporter, StepClock
+from xfer.training.report import Chrono, Reporter
+from xfer.weights.initialise import initial_variables
 
 log = logging.getLogger("xfer")
 
@@ -66,12 +62,10 @@ class Setup:
     data: data_lib.Data
     model: object  # flax.linen.Module
     variable_shapes: dict  # jax.eval_shape of model.init at the data's resolution
-    labels: dict  # group per parameter
-    running_stats_layers: frozenset[str]
+    plan: FreezePlan
     cut: str | None  # the feature-cache cut module, or None
     total_steps: int
     tx: optax.GradientTransformation
-    schedules: dict  # group -> learning-rate schedule, for logging
     init: str  # config.init, or the preset's override ("scratch")
 
 
@@ -92,18 +86,13 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         log.warning("config.batch_size=%d is larger than the %d training examples: every batch repeats "
                     "examples; lower config.batch_size", config.batch_size, data.num_train)
     model = models.build(config.model.name, num_classes=data.num_classes, **_model_overrides(config))
-    # Partition rules and optimizer specs are checked on the parameters' shapes (no compile),
-    # so a typo in a regex fails in seconds, before any weights are initialised or loaded.
     images = jax.ShapeDtypeStruct((1, data.image_size, data.image_size, 3), jnp.float32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed), images)
-    labels, running_stats_layers, init_override = freeze_plan(config.partition, config.bn_policy,
-                                                              config.model.name, shapes)
-    cut = _feature_cache_cut(config, model, shapes, data, labels, running_stats_layers)
+    plan = plan_lib.from_config(config, shapes)
+    cut = feature_cache.choose_cut(config.feature_cache, data.augment, model, shapes, data.image_size, plan)
     total_steps = _total_steps(config, data.num_train)
-    optim_config = presets.optim_specs(config.optim, config.partition, labels)
-    return Setup(config, data, model, shapes, labels, running_stats_layers, cut, total_steps,
-                 tx=optim.build(optim_config, labels, total_steps),
-                 schedules=optim.schedules(optim_config, total_steps), init=init_override or config.init)
+    return Setup(config, data, model, shapes, plan, cut, total_steps, tx=plan.optimizer(total_steps),
+                 init=plan.init_override or config.init)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -116,68 +105,76 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     workdir = Path(workdir).expanduser().absolute()
     config_json = workdir_lib.config_as_json(config)
     workdir_lib.check(workdir, config_json)
-    plan = setup(config)
-    mesh = step_lib.data_mesh()
-    steps = _compile(plan, mesh)
+    run_setup = setup(config)
+    mesh = mesh_lib.data_mesh()
+    steps = _compile(run_setup, mesh)
 
     is_writer = jax.process_index() == 0
     with workdir_lib.lock(workdir, is_writer, distributed.process_zero_agrees):
         resuming = workdir_lib.check(workdir, config_json)  # again, now that no other run can claim it
         if is_writer:
             workdir_lib.claim(workdir, config_json)
-        variables = init_variables(plan.model, config.model.name, plan.init, plan.data.image_size, config.seed,
-                                   config.head_zero_init)
-        state = step_lib.replicate(step_lib.create_state(variables, plan.tx, config.seed), mesh)
+        variables = initial_variables(run_setup.model, config.model.name, run_setup.init, run_setup.data.image_size,
+                                      config.seed, config.head_zero_init)
+        state = mesh_lib.replicate(step_lib.create_state(variables, run_setup.tx, config.seed), mesh)
         del variables
-        data = plan.data
-        if plan.cut:
+        data = run_setup.data
+        if run_setup.cut:
             try:
-                data = _with_cached_features(data, steps.features, plan.cut, state, mesh, workdir)
+                data = feature_cache.cached_data(data, steps.features, run_setup.cut, state, mesh, workdir)
             except preemption.Preempted:  # a SIGTERM or Ctrl-C during the pass: every process stops here
                 log.info("preempted during the feature-cache pass; nothing to save, rerun to resume")
                 return None
-        reporter = Reporter(workdir, plan.total_steps, config.batch_size, is_writer)
+        reporter = Reporter(workdir, run_setup.total_steps, config.batch_size, is_writer)
         with checkpoint.Checkpointer(workdir / "checkpoints", keep_latest=config.checkpoint.keep_latest,
                                      keep_best=config.checkpoint.keep_best) as ckpt:
-            start = 0
-            if ckpt.latest_step() is not None:
-                start, state, data_state = ckpt.restore(state)
-                data.train.set_state(data_state)
-                log.info("resumed from step %d of %s", start, workdir)
-            elif resuming and is_writer:
-                log.warning("workdir %s holds this run's config but no checkpoint (an earlier attempt stopped "
-                            "before its first save): training from step 0", workdir)
+            start, state, chrono = _restore(ckpt, state, data, started, resuming and is_writer, workdir)
             reporter.resume_from(start)  # an earlier attempt may have logged steps past its last checkpoint
             log.info("%s on %d %s device(s), %d process(es); %d steps of %d images\n%s",
                      config.model.name, jax.device_count(), jax.devices()[0].platform, jax.process_count(),
-                     plan.total_steps, config.batch_size,
-                     partition.table(state.params, plan.labels, state.opt_state))
+                     run_setup.total_steps, config.batch_size,
+                     partition.table(state.params, run_setup.plan.labels, state.opt_state))
             try:
-                ended = _loop(plan, state, data, start, steps, ckpt, reporter, mesh, config_json)
+                ended = _loop(run_setup, state, data, start, steps, ckpt, reporter, mesh, config_json, chrono)
             finally:
                 reporter.close()
         if ended is None:
             return None
-        state, eval_metrics, seconds_per_step, skipped = ended
+        state, eval_metrics, skipped = ended
         if not eval_metrics:  # resumed a finished run: evaluate what it ended with
-            eval_metrics = run_eval(steps.eval, state, data, reporter, plan.total_steps)
-        summary = {"model": config.model.name, "init": plan.init, "steps": plan.total_steps,
-                   "trainable_parameters": partition.count_trainable(state.params, plan.labels),
+            eval_metrics = run_eval(steps.eval, state, data, reporter, run_setup.total_steps)
+        summary = {"model": config.model.name, "init": run_setup.init, "steps": run_setup.total_steps,
+                   "trainable_parameters": run_setup.plan.trainable_parameters,
                    "optimizer_state_bytes": partition.optimizer_state_bytes(state.opt_state),
-                   "seconds_per_step": seconds_per_step,  # this process's steps; None if it ran fewer than 2
                    "skipped_steps": skipped,  # non-finite steps left out under nan_policy 'skip', this process's
                    **{k: v for k, v in eval_metrics.items() if k != "per_class"},
-                   "wall_seconds": time.perf_counter() - started}  # this process's, start-up included
+                   # every attempt's, up to its last checkpoint; seconds_per_step is None before 2 steps ran
+                   **chrono.totals(state, run_setup.total_steps)}
         reporter.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
     log.info("done: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return summary
 
 
-def _loop(plan: Setup, state, data, start: int, steps: Steps, ckpt, reporter: Reporter, mesh, config_json: dict):
-    """Steps start+1..total_steps: (state, last eval metrics, seconds per step, skipped steps), or None
-    when a preemption notice stopped it after saving."""
-    config, total_steps = plan.config, plan.total_steps
-    eval_metrics, clock = {}, StepClock()
+def _restore(ckpt, state, data, started: float, warn_if_empty: bool, workdir: Path):
+    """(first step to train, state, chrono): the newest good checkpoint's, or step 0's."""
+    if ckpt.latest_step() is None:
+        if warn_if_empty:
+            log.warning("workdir %s holds this run's config but no checkpoint (an earlier attempt stopped "
+                        "before its first save): training from step 0", workdir)
+        return 0, state, Chrono(started)
+    restored = ckpt.restore(state)
+    data.train.set_state(restored.data_state)
+    log.info("resumed from step %d of %s", restored.step, workdir)
+    return restored.step, restored.state, Chrono(started, restored.chrono)
+
+
+def _loop(run_setup: Setup, state, data, start: int, steps: Steps, ckpt, reporter: Reporter, mesh,
+          config_json: dict, chrono: Chrono):
+    """Steps start+1..total_steps: (state, last eval metrics, skipped steps), or None when a
+    preemption notice stopped it after saving."""
+    config, total_steps = run_setup.config, run_setup.total_steps
+    schedules = run_setup.plan.schedules(total_steps)
+    eval_metrics = {}
     unchecked = None  # (step, finite flag) of the newest step whose flag the host has not read
     skipped = 0
 
@@ -202,7 +199,7 @@ def _loop(plan: Setup, state, data, start: int, steps: Steps, ckpt, reporter: Re
             + "; lower the learning rate (config.optim.*.lr) or set config.nan_policy='skip' to skip such steps")
 
     for step in range(start + 1, total_steps + 1):
-        batch = step_lib.global_batch(next(data.train), mesh)
+        batch = mesh_lib.global_batch(next(data.train), mesh)
         state, metrics = steps.train(state, batch)
         ckpt.check()  # a background save that failed stops the run here, not at the next save
         check_finite()  # the previous step's flag: read while this step runs
@@ -210,7 +207,7 @@ def _loop(plan: Setup, state, data, start: int, steps: Steps, ckpt, reporter: Re
         if step == start + 1:
             jax.block_until_ready(metrics)
             reporter.start_timer(step)
-            clock.start(step)
+            chrono.start(step)
         logged = step % config.log_every == 0 or step == total_steps
         evaluated = step % config.eval_every == 0 or step == total_steps
         preempted = preemption.reached(step) and step < total_steps  # every process, every step
@@ -218,45 +215,44 @@ def _loop(plan: Setup, state, data, start: int, steps: Steps, ckpt, reporter: Re
         if logged or evaluated or saved:
             check_finite()  # nothing is reported or saved from a step that was not finite
         if logged:
-            lrs = {f"lr/{g}": lr for g, lr in optim.learning_rates(plan.schedules, step - 1).items()}
+            lrs = {f"lr/{g}": lr for g, lr in optim.learning_rates(schedules, step - 1).items()}
             skips = {"skipped_steps": skipped} if config.nan_policy == "skip" else {}
             reporter.train(step, {**jax.device_get(metrics), **lrs, **skips})
         if evaluated:
-            with clock.paused(state):
+            with chrono.paused(state):
                 eval_metrics = run_eval(steps.eval, state, data, reporter, step)
         if saved:
             ranked = {k: v for k, v in eval_metrics.items() if isinstance(v, float)} if evaluated else None
-            with clock.paused(state):
-                ckpt.save(step, state, data.train.get_state(), config_json, ranked)
+            with chrono.paused(state):
+                ckpt.save(step, state, data.train.get_state(), config_json, ranked, chrono.saved(step))
         if preempted:
             ckpt.wait()  # the save is committed before the process may end
             log.info("preempted at step %d; saved", step)
             return None
-    seconds_per_step = clock.seconds_per_step(state, total_steps)
-    return state, eval_metrics, seconds_per_step, skipped
+    return state, eval_metrics, skipped
 
 
-def _compile(plan: Setup, mesh) -> Steps:
+def _compile(run_setup: Setup, mesh) -> Steps:
     """The run's jitted steps, the train step (and the feature pass) compiled for the run's shapes and
     checked against the memory this process has."""
-    config, data = plan.config, plan.data
-    train_step = step_lib.make_train_step(plan.model, plan.tx, plan.labels, mesh, plan.running_stats_layers,
-                                          config.bn_cross_device, plan.cut, data.image_size)
-    eval_step = step_lib.make_eval_step(plan.model, mesh, plan.cut, data.image_size)
+    config, data, model, cut = run_setup.config, run_setup.data, run_setup.model, run_setup.cut
+    inputs = feature_cache.inputs(cut, data.image_size) if cut else step_lib.images
+    train_step = step_lib.make_train_step(model, run_setup.tx, run_setup.plan, mesh, config.bn_cross_device, inputs)
+    eval_step = step_lib.make_eval_step(model, mesh, inputs)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     def placed(tree, sharding):
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding,
                                                            weak_type=s.weak_type), tree)
 
-    state = placed(jax.eval_shape(lambda v: step_lib.create_state(v, plan.tx, config.seed), plan.variable_shapes),
-                   replicated)
+    state = placed(jax.eval_shape(lambda v: step_lib.create_state(v, run_setup.tx, config.seed),
+                                  run_setup.variable_shapes), replicated)
     batch = config.batch_size
     images = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     device_bytes, host_bytes, feature_step = {}, 0, None
-    if plan.cut:
-        feature_step = feature_cache.make_feature_step(plan.model, plan.cut, mesh)
+    if cut:
+        feature_step = feature_cache.make_feature_step(model, cut, mesh)
         pass_batch = placed({"image": images, "label": labels, "index": labels,
                              "mask": jax.ShapeDtypeStruct((batch,), jnp.float32)}, split)
         lowered = feature_step.lower(state.params, state.batch_stats, pass_batch)
@@ -275,61 +271,12 @@ def _compile(plan: Setup, mesh) -> Steps:
     return Steps(train_step, eval_step, feature_step)
 
 
-def freeze_plan(setting, bn_policy, model_name: str, variables) -> tuple[dict, frozenset[str], str | None]:
-    """(group label per parameter, BatchNorm layers on running statistics, init override or None)
-    for `config.partition` (a preset or rules) and `config.bn_policy`.
-
-    `variables` may be shapes (`jax.eval_shape` of init): this is what a run trains and how it
-    normalises, decided before any weight exists; the benchmarks build their steps through it too.
-    """
-    rules, init_override = presets.resolve(setting, model_name, variables["params"])
-    labels = partition.labels(variables["params"], rules)
-    bn_policies = norms.policies(variables.get("batch_stats", {}), presets.bn_rules(setting, bn_policy), labels)
-    return norms.freeze_affine(labels, bn_policies), norms.running_statistics_layers(bn_policies), init_override
-
-
-def init_variables(model, model_name: str, init: str, image_size: int, seed: int,
-                   head_zero_init: bool) -> dict:
-    """Fresh variables at the data's resolution, then `init` ported in.
-
-    `init`: "scratch" (random, torch-style initialisation), "imagenet", a
-    torchvision file name or checkpoint path (see `xfer.weights`), or
-    "run:<workdir>" for another xfer run's latest parameters. A head whose
-    class count differs is freshly initialised; with `head_zero_init` to
-    zeros (big_vision's transfer default): the first steps then start from
-    uniform predictions instead of large random logits, which a small
-    head's default init (e.g. Lite0's U(+-1/sqrt(classes))) produces.
-    """
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    init_fn = functools.partial(model.init, jax.random.PRNGKey(seed), images)
-    if init == "scratch":
-        log.info("init: scratch (random initialisation, nothing loaded)")
-        return jax.jit(init_fn)()
-    shapes = jax.eval_shape(init_fn)  # porting needs shapes; only a new head needs values
-    if init.startswith("run:"):
-        run_dir = Path(init[len("run:"):]).expanduser()
-        source = {f"{collection}/{path}": value
-                  for collection, tree in checkpoint.read_variables(run_dir / "checkpoints").items()
-                  for path, value in traverse_util.flatten_dict(tree, sep="/").items()}
-        ported, report = weights.port_same_names(source, model_name, shapes)
-    else:
-        ported, report = weights.load(init, model_name, shapes)
-    log.info("init: %s -> %d tensors ported%s", init, len(report.rows),
-             f", new head {', '.join(report.new_head)}" if report.new_head else "")
-    if head_zero_init:
-        flat = traverse_util.flatten_dict(ported, sep="/")
-        return traverse_util.unflatten_dict(
-            {path: jnp.zeros(v.shape, v.dtype) if path in report.new_head else v for path, v in flat.items()},
-            sep="/")
-    return weights.initialise_new(init_fn, ported, report.new_head)
-
-
 def run_eval(eval_step, state, data, reporter: Reporter, step: int) -> dict:
     """One pass over the eval split; writes the confusion matrix and per-class metrics."""
-    mesh = step_lib.data_mesh()
+    mesh = mesh_lib.data_mesh()
     accumulator = evaluate.Accumulator(data.num_classes)
     for batch in data.eval_batches():
-        accumulator.add(jax.device_get(eval_step(state, step_lib.global_batch(batch, mesh))))
+        accumulator.add(jax.device_get(eval_step(state, mesh_lib.global_batch(batch, mesh))))
     metrics = accumulator.metrics(list(data.class_names))
     reporter.write(step, metrics, "eval")
     reporter.write_file("confusion_matrix.csv", accumulator.confusion_csv(list(data.class_names)))
@@ -337,31 +284,6 @@ def run_eval(eval_step, state, data, reporter: Reporter, step: int) -> dict:
     log.info("eval step %d: %s", step, " ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics
-
-
-def _feature_cache_cut(config, model, shapes, data, labels, running_stats_layers) -> str | None:
-    """The module whose output is cached (`config.feature_cache`), checked before any work."""
-    if not config.feature_cache:
-        return None
-    if data.augment != "none":
-        raise feature_cache.FeatureCacheError(
-            f"feature_cache={config.feature_cache!r} needs un-augmented training images, but "
-            f"config.data.augment={data.augment!r}; set config.data.augment='none' or feature_cache=''")
-    cut = feature_cache.check_cut(config.feature_cache, model, shapes, data.image_size, labels,
-                                  running_stats_layers)
-    log.info("feature cache: training from the cached output of %s", cut)
-    return cut
-
-
-def _with_cached_features(data, feature_step, cut: str, state, mesh, workdir: Path):
-    """`data` over the cut's features of each split, computed once (or read from the workdir)."""
-    def split_features(split: str, batches, count: int):
-        return feature_cache.cached_features(
-            workdir, {"split": split, "cut": cut},
-            lambda: feature_cache.compute(feature_step, state.params, state.batch_stats, batches(), count, mesh))
-
-    return data.with_features(split_features("train", data.train_pass, data.num_train),
-                              split_features("eval", data.eval_batches, data.num_eval))
 
 
 def _model_overrides(config) -> dict:

@@ -1,4 +1,4 @@
-"""Saving and restoring one run's checkpoints with Orbax, and reading another run's variables.
+"""Saving and restoring one run's checkpoints with Orbax.
 
 A run can die at any moment (preemption, OOM, Ctrl-C, a node failure) and must
 then resume from where it was, not from step 0. `Checkpointer` wraps one
@@ -18,7 +18,7 @@ adds what a training loop needs on top of it:
   - **Verified restores.** Each checkpoint holds a digest of what it holds
     (`xfer.training.checkpoint.digest`), committed with it; `restore` compares what it
     read with it, and a mismatch counts as damage like a truncated file;
-    `read_variables` checks the arrays it reads. Checkpoints written before the
+    `xfer.training.checkpoint.variables` checks the arrays it reads. Checkpoints without a
     digest restore with a logged note that they are unverified. The config's
     hash is saved but never checked (a resume compares the workdir's
     config.json); the metrics Orbax keeps for ranking are not covered (they only
@@ -40,12 +40,9 @@ adds what a training loop needs on top of it:
     With several processes, a write failing on one process alone still leaves
     the others in Orbax's commit barrier until its timeout (20 minutes).
 
-Layout: `<directory>/<step>/{state, data_state, config, digest, metrics}`;
+Layout: `<directory>/<step>/{state, data_state, config, digest, chrono, metrics}`;
 `state` is a pytree of jax arrays (`StandardSave`), the rest JSON. Every process
 calls every method: Orbax coordinates multi-process writes itself.
-
-`read_variables` reads another run's params (+ batch_stats) as numpy arrays for
-`config.init = run:<workdir>`, without its optimizer state.
 """
 
 from __future__ import annotations
@@ -55,10 +52,9 @@ import json
 import logging
 import math
 import time
-from typing import Any, Mapping, NoReturn
+from typing import Any, Mapping, NamedTuple, NoReturn
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -67,10 +63,17 @@ from xfer.training.checkpoint.failures import CheckpointError, first_line, join_
 
 log = logging.getLogger("xfer")
 
-_STATE, _DATA_STATE, _CONFIG, _DIGEST = "state", "data_state", "config", "digest"
+# A checkpoint's items: the state pytree, and JSON beside it.
+STATE_ITEM, _DATA_STATE, _CONFIG, _DIGEST, _CHRONO = "state", "data_state", "config", digest_lib.ITEM, "chrono"
+JSON_ITEMS = (_DATA_STATE, _CONFIG, _DIGEST, _CHRONO)
 _TMP_MARK = ".orbax-checkpoint-tmp"
-# The state entries `read_variables` returns: the model, not how it was trained.
-_VARIABLE_COLLECTIONS = ("params", "batch_stats")
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    data_state: dict  # the data iterator's position
+    chrono: dict  # the run's timing so far (`xfer.training.report.Chrono`); {} if saved without it
 
 
 class Checkpointer:
@@ -79,9 +82,9 @@ class Checkpointer:
     Usage:
         with Checkpointer(workdir / "checkpoints") as ckpt:
             if ckpt.latest_step() is not None:
-                step, state, data_state = ckpt.restore(state)
+                step, state, data_state, chrono = ckpt.restore(state)
             ...
-            ckpt.save(step, state, data_iter.get_state(), config.to_dict(), eval_metrics)
+            ckpt.save(step, state, data_iter.get_state(), config.to_dict(), eval_metrics, chrono)
             ckpt.check()  # optional, every step: a failed background save stops the run there
     """
 
@@ -152,18 +155,22 @@ class Checkpointer:
         data_state: Mapping[str, Any],
         config: Mapping[str, Any],
         metrics: Mapping[str, float] | None = None,
+        chrono: Mapping[str, float] | None = None,
     ) -> bool:
         """Starts writing checkpoint `step` in the background; False if `step` is already saved.
 
         `metrics` (scalars) rank the checkpoint for `keep_best`; they must hold
         `best_metric`. Pass None for a save without an evaluation (e.g. on
         preemption): that checkpoint is kept only while among the latest.
+        `chrono` (`xfer.training.report.Chrono.saved()`) comes back from `restore`.
 
         Raises CheckpointError if the previous background save failed, or if
         this one cannot start (e.g. an unwritable directory).
         """
         step = int(step)
         json_items = {_DATA_STATE: dict(data_state), _CONFIG: dict(config)}
+        if chrono:
+            json_items[_CHRONO] = dict(chrono)
         for name, item in json_items.items():
             # Checked now: in the background write the error would surface a save later.
             try:
@@ -181,7 +188,7 @@ class Checkpointer:
             saved = self._manager.save(
                 step,
                 args=ocp.args.Composite(
-                    **{_STATE: ocp.args.StandardSave(state), _DIGEST: ocp.args.JsonSave(digest)}, **items
+                    **{STATE_ITEM: ocp.args.StandardSave(state), _DIGEST: ocp.args.JsonSave(digest)}, **items
                 ),
                 metrics=ranking,
             )
@@ -275,8 +282,8 @@ class Checkpointer:
                     return
             time.sleep(0.05 * (attempt + 1))
 
-    def restore(self, state_template: Any) -> tuple[int, Any, dict]:
-        """(step, state, data_state) of the newest checkpoint that reads back whole and matches its digest.
+    def restore(self, state_template: Any) -> Restored:
+        """The newest checkpoint that reads back whole and matches its digest.
 
         `state_template` is a pytree like the saved state: jax arrays or
         `jax.ShapeDtypeStruct`s carrying the shardings the restored arrays get.
@@ -293,7 +300,7 @@ class Checkpointer:
         unreadable = []
         for step in steps:
             try:
-                state, data_state = self._restore_step(step, abstract_state)
+                restored = self._restore_step(step, abstract_state)
             # A damaged checkpoint fails wherever the damage is read: tensorstore, JSON,
             # a missing item, the digest. Any failure here means "try an older step".
             except Exception as error:  # noqa: BLE001
@@ -313,7 +320,7 @@ class Checkpointer:
                         f"({first_line(error)}); delete {self.directory / str(bad_step)} and rerun to resume "
                         f"from step {step}"
                     ) from error
-            return step, state, data_state
+            return Restored(step, *restored)
         newest_step, newest_error = unreadable[0]
         others = f"steps {', '.join(map(str, steps))} unreadable; " if len(steps) > 1 else ""
         raise CheckpointError(
@@ -323,18 +330,22 @@ class Checkpointer:
             "use a new workdir)"
         ) from newest_error
 
-    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        verified = _has_digest(self._manager, self.directory / str(step))
-        items = {_STATE: ocp.args.StandardRestore(abstract_state), _DATA_STATE: ocp.args.JsonRestore()}
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        verified = digest_lib.saved_with_digest(self._manager, self.directory / str(step))
+        json_items = [_DATA_STATE] + ([_CHRONO] if (self.directory / str(step) / _CHRONO).exists() else [])
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                 **{name: ocp.args.JsonRestore() for name in json_items}}
         if verified:
             items[_DIGEST] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if verified:
-            digest_lib.verify(restored[_DIGEST], restored[_STATE], {_DATA_STATE: restored[_DATA_STATE]})
+            if _CHRONO not in json_items and _CHRONO in (restored[_DIGEST].get("json") or {}):
+                raise CheckpointError(f"damaged: its {_CHRONO} item is missing")
+            digest_lib.verify(restored[_DIGEST], restored[STATE_ITEM], {name: restored[name] for name in json_items})
         else:
             log.warning("checkpoint step %d in %s has no digest (written before xfer verified checkpoints): "
                         "restored unverified", step, self.directory)
-        return restored[_STATE], restored[_DATA_STATE]
+        return restored[STATE_ITEM], restored[_DATA_STATE], restored[_CHRONO] if _CHRONO in json_items else {}
 
     def wait(self) -> None:
         """Blocks until the background save, if any, is written and committed; CheckpointError if it failed."""
@@ -359,99 +370,6 @@ class Checkpointer:
             self.close()
         except Exception as error:  # noqa: BLE001
             log.warning("%s", error if isinstance(error, CheckpointError) else first_line(error))
-
-
-def read_variables(
-    directory: str | epath.PathLike,
-    step: int | str = "latest",
-    *,
-    best_metric: str = "eval_accuracy",
-    best_mode: str = "max",
-) -> dict[str, Any]:
-    """{'params': ..., 'batch_stats': ...} of another run's checkpoint, as numpy arrays.
-
-    For initialising a new run from an old one (`config.init = run:<workdir>`):
-    only the model variables are read, never the optimizer state, so the new
-    run may use a different optimizer or partition. `directory` is the old
-    run's `Checkpointer` directory; `step` is a step number, "latest", or
-    "best" (by `best_metric`, as that run ranked them). `batch_stats` is
-    present only if the run had BatchNorm. The arrays are checked against the
-    checkpoint's digest: CheckpointError if they are damaged or unreadable.
-    """
-    quiet_orbax()
-    directory = epath.Path(directory).absolute()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory {directory}; check the run path.")
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    registry.add(_STATE, ocp.args.PyTreeRestore)  # PyTree, not Standard: it can read part of a tree
-    for json_item in (_DATA_STATE, _CONFIG, _DIGEST):
-        registry.add(json_item, ocp.args.JsonRestore)
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as manager:
-        if step == "latest":
-            chosen = manager.latest_step()
-        elif step == "best":
-            scores = {s: (manager.metrics(s) or {}).get(best_metric) for s in manager.all_steps()}
-            scores = {s: score for s, score in scores.items() if score is not None}
-            pick = max if best_mode == "max" else min
-            chosen = pick(scores, key=scores.get) if scores else None
-        elif isinstance(step, int) and step in manager.all_steps():
-            chosen = step
-        else:
-            raise ValueError(
-                f"step={step!r} is not one of {directory}'s steps {manager.all_steps()}, 'latest' or 'best'."
-            )
-        if chosen is None:
-            raise FileNotFoundError(
-                f"no {step} checkpoint in {directory}"
-                + (f" ranked by {best_metric!r}" if step == "best" else "")
-                + "; check the run path, or use step='latest'."
-            )
-        where = directory / str(chosen)
-        others = sorted(set(manager.all_steps()) - {chosen})
-        fix = f"read another of its steps {others}, or restore its files" if others else "restore its files"
-        try:
-            saved_tree = manager.item_metadata(chosen)[_STATE].tree
-            verified = _has_digest(manager, where)
-        except CheckpointError as error:
-            raise CheckpointError(f"checkpoint {where} is {error}; {fix}") from error
-        except Exception as error:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {where} is unreadable ({first_line(error)}); {fix}") from error
-        wanted = {name: saved_tree[name] for name in _VARIABLE_COLLECTIONS if name in saved_tree}
-        if "params" not in wanted:
-            raise ValueError(
-                f"checkpoint {where} has no 'params' in its state (has {sorted(saved_tree)}); "
-                "it was not written by xfer's trainer."
-            )
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        items = {_STATE: ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy, partial_restore=True)}
-        if verified:
-            items[_DIGEST] = ocp.args.JsonRestore()
-        try:
-            restored = manager.restore(chosen, args=ocp.args.Composite(**items))
-            variables = dict(restored[_STATE])
-            if verified:
-                digest_lib.verify(restored[_DIGEST], variables, {}, collections=tuple(variables))
-        except CheckpointError as error:  # the digest's verdict, "damaged: ..."
-            raise CheckpointError(f"checkpoint {where} is {error}; {fix}") from error
-        except Exception as error:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {where} is unreadable ({first_line(error)}); {fix}") from error
-    if not verified:
-        log.warning("checkpoint %s has no digest (written before xfer verified checkpoints): read unverified", where)
-    return variables
-
-
-def _has_digest(manager: ocp.CheckpointManager, step_dir: epath.Path) -> bool:
-    """Whether the step was saved with a digest; CheckpointError if it was and the digest is gone."""
-    if (step_dir / _DIGEST).exists():
-        return True
-    try:
-        handlers = manager.metadata(int(step_dir.name)).item_handlers or {}
-    except Exception:  # noqa: BLE001 - unreadable step metadata: treat the step as written before digests
-        return False
-    if _DIGEST in handlers:
-        raise CheckpointError(f"damaged: its {_DIGEST} item is missing")
-    return False
 
 
 def _step_dirs(directory: epath.Path) -> list[int]:

@@ -25,14 +25,19 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import jax
 import numpy as np
 
 from xfer.training.checkpoint.failures import CheckpointError
 
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+    from etils import epath
+
 FORMAT = 1
+ITEM = "digest"  # its name among a checkpoint's items
 
 
 def compute(state: Any, json_items: Mapping[str, Any]) -> dict:
@@ -99,3 +104,16 @@ def _json_hash(item: Any) -> str:
     """SHA-256 of the item as it reads back from JSON (tuples as lists, keys as strings)."""
     canonical = json.dumps(json.loads(json.dumps(item)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def saved_with_digest(manager: ocp.CheckpointManager, step_dir: epath.Path) -> bool:
+    """Whether the step was saved with a digest; CheckpointError if it was and the digest is gone."""
+    if (step_dir / ITEM).exists():
+        return True
+    try:
+        handlers = manager.metadata(int(step_dir.name)).item_handlers or {}
+    except Exception:  # noqa: BLE001 - unreadable step metadata: treat the step as written before digests
+        return False
+    if ITEM in handlers:
+        raise CheckpointError(f"damaged: its {ITEM} item is missing")
+    return False
