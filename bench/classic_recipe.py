@@ -3,6 +3,8 @@
     python bench/classic_recipe.py                                   # 32 and 224 px, frozen and full
     python bench/classic_recipe.py --sizes 32 --modes frozen --windows 5
     python bench/classic_recipe.py --xla-flags=--xla_cpu_experimental_ynn_fusion_type=   # other XLA flags
+    python bench/classic_recipe.py --model-fields cpu_lowerings=False                     # other model fields
+    python bench/classic_recipe.py --sizes 224 --modes full --compile-only                 # FLOPs, memory only
 
 ImageNet VGG16 -> CIFAR-10 (10 classes), batch 64, cross-entropy, SGD lr 1e-3 momentum 0.9;
 `frozen`: `features` frozen, the classifier trained; `full`: every parameter trained. Random
@@ -11,19 +13,24 @@ excluded on both sides). Both models train with dropout on, as `model.train()` d
 
 PyTorch runs torch's recipe: `requires_grad = False` on `model.features`, `torch.optim.SGD` over
 the parameters that require grad. xfer runs the library path a config takes: `xfer.models.build`,
-`xfer.learning.partition.labels` with the rules `(("^features/", "frozen"), ("^classifier/", "classifier"))`
-(one group `(".*", "all")` for full), `xfer.learning.optim.build`, `xfer.training.step.make_train_step` (jitted,
-state donated), one global batch through `xfer.training.step.global_batch`.
+`xfer.weights.initialise.initial_variables` (init "scratch"), `xfer.learning.plan.build` with the
+rules `(("^features/", "frozen"), ("^classifier/", "classifier"))` (one group `(".*", "all")` for
+full), the plan's optimizer, `xfer.training.step.make_train_step` (jitted, state donated), one global
+batch through `xfer.training.mesh.global_batch`. Each (size, mode) also reports the compiled step's
+FLOPs and temporary memory (XLA's cost and memory analyses).
 
-Warm-up steps (compilation, oneDNN primitive creation) are excluded. Then timed windows alternate
-torch / xfer / torch / xfer ... in this one process, so both sides see the same machine load; each
-pair gives a ratio, and the medians over the windows are printed. A line of JSON per (size, mode)
-goes to --json when given.
+Warm-up steps (compilation, oneDNN primitive creation) are excluded on both sides, and torch gets as
+many threads as XLA:CPU's intra-op pool (one per core this process may use). Then timed windows
+alternate torch / xfer / torch / xfer ... in this one process, so both sides see the same machine
+load; each pair gives a ratio, and the medians over the windows are printed. XLA flags are fixed
+when jax is imported, so comparing flag sets takes one run of this command per set, each with its
+own ratio. A line of JSON per (size, mode) goes to --json when given.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -33,9 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's xfer and configs
 
 BATCH = 64
 NUM_CLASSES = 10
@@ -52,15 +57,32 @@ def parse_args(argv=None):
                         help="train steps per timed window (default: 4 at <=64 px, 1 above)")
     parser.add_argument("--windows", type=int, default=0,
                         help="timed windows per side, alternating (default: 5 at <=64 px, 3 above)")
-    parser.add_argument("--warmup", type=int, default=0, help="untimed steps per side first (default: 2, 1 above 64 px)")
-    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed steps per side first (default: 2 at <=64 px, 1 above)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="default: one per core this process may use, as XLA:CPU's intra-op pool")
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
+    parser.add_argument("--model-fields", default="",
+                        help="comma-separated field=value for xfer's VGG16 (xfer.models.build overrides)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="xfer's compiled FLOPs and memory only: no torch, no timing")
     parser.add_argument("--json", default="", help="append one JSON line per (size, mode) here")
     parser.add_argument("--skip-torch", action="store_true", help="time xfer only (no ratio)")
     parser.add_argument("--only", choices=("", "torch", "xfer"), default="", help=argparse.SUPPRESS)
     parser.add_argument("--split", default="224:full",
                         help="size:mode pairs run as alternating processes, one side each (memory)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.torch_threads = args.torch_threads or len(os.sched_getaffinity(0))
+    return args
+
+
+def model_fields(text: str) -> dict:
+    """`"a=1,b=False"` -> `{"a": 1, "b": False}`: Python literals, as `--config.model.a=1` takes them."""
+    fields = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        fields[name.strip()] = ast.literal_eval(value.strip())
+    return fields
 
 
 def machine() -> dict:
@@ -103,43 +125,29 @@ def torch_step(size: int, mode: str, images, labels):
 
 # ----------------------------------------------------------------------------- xfer
 
-def xfer_setup(size: int, mode: str, images, labels):
-    """xfer's library path; returns (model, tx, labels tree, state, batch, mesh, running-stats layers)."""
-    import jax
-    import jax.numpy as jnp
-    import ml_collections
-
+def xfer_step(size: int, mode: str, images, labels, fields: dict, info: dict):
+    """`xfer.training.step.make_train_step` as `xfer.training.train.run` builds it, compiled; returns
+    (step, sync) and records its compile time, FLOPs and temporary memory in `info`."""
     from xfer import models
+    from xfer.learning import optim, plan
+    from xfer.training import mesh as mesh_lib, step as step_lib
+    from xfer.weights.initialise import initial_variables
 
-    from xfer.learning import optim
-
-    from xfer.training import step as step_lib, train
-
-    model = models.build("vgg16", num_classes=NUM_CLASSES)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    model = models.build("vgg16", num_classes=NUM_CLASSES, **fields)
+    variables = initial_variables(model, "vgg16", "scratch", size, seed=0, head_zero_init=False)
     rules = FROZEN_RULES if mode == "frozen" else FULL_RULES
-    group = rules[-1][1]
-    params_labels, running, _ = train.freeze_plan(rules, (), "vgg16", variables)
-    optim_config = ml_collections.ConfigDict({group: optim.group_config(optimizer="sgd", lr=LR, momentum=MOMENTUM)})
-    tx = optim.build(optim_config, params_labels, total_steps=1000)
-    mesh = step_lib.data_mesh()
-    state = step_lib.replicate(step_lib.create_state(variables, tx, seed=0), mesh)
-    batch = step_lib.global_batch({"image": images, "label": labels.astype("int32")}, mesh)
-    return model, tx, params_labels, state, batch, mesh, running
-
-
-def xfer_step(size: int, mode: str, images, labels, info: dict | None = None):
-    """`xfer.training.step.make_train_step` as `xfer.training.train.run` builds it; returns (step, sync)."""
-    from xfer.training import step as step_lib
-
-    model, tx, params_labels, state, batch, mesh, running = xfer_setup(size, mode, images, labels)
-    train_step = step_lib.make_train_step(model, tx, params_labels, mesh, running)
-    if info is not None:
-        start = time.perf_counter()
-        compiled = train_step.lower(state, batch).compile()
-        info["compile_s"] = round(time.perf_counter() - start, 2)
-        info["xfer_gflops_per_step"] = round(compiled_flops(compiled) / 1e9, 2)
-    return repeat_step(train_step, state, batch)
+    optim_config = {rules[-1][1]: optim.group_config(optimizer="sgd", lr=LR, momentum=MOMENTUM)}
+    freeze = plan.build(rules, (), optim_config, "vgg16", variables)
+    tx = freeze.optimizer(total_steps=1000)
+    mesh = mesh_lib.data_mesh()
+    state = mesh_lib.replicate(step_lib.create_state(variables, tx, seed=0), mesh)
+    batch = mesh_lib.global_batch({"image": images, "label": labels.astype("int32")}, mesh)
+    start = time.perf_counter()
+    compiled = step_lib.make_train_step(model, tx, freeze, mesh).lower(state, batch).compile()
+    info["compile_s"] = round(time.perf_counter() - start, 2)
+    info["xfer_gflops_per_step"] = round(compiled_flops(compiled) / 1e9, 2)
+    info["xfer_temp_gb"] = round(compiled.memory_analysis().temp_size_in_bytes / 1e9, 2)
+    return repeat_step(compiled, state, batch)
 
 
 def repeat_step(fn, state, batch, feeds_state: bool = True):
@@ -214,14 +222,14 @@ def _split_rates(args, size: int, mode: str, steps: int, windows: int, warmup: i
             with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
                 cmd = [sys.executable, __file__, "--sizes", str(size), "--modes", mode, "--only", side,
                        "--steps", str(steps), "--windows", "1", "--warmup", str(warmup), "--json", out.name,
-                       "--torch-threads", str(args.torch_threads)]
+                       "--torch-threads", str(args.torch_threads), f"--model-fields={args.model_fields}"]
                 if args.xla_flags:
                     cmd.append(f"--xla-flags={args.xla_flags}")
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 child = json.loads(Path(out.name).read_text().splitlines()[-1])
             rates[side].append(child[f"{side}_img_s"][0])
             info[f"{side}_peak_rss_gb"] = child["peak_rss_gb"]
-            for key in ("compile_s", "xfer_gflops_per_step"):
+            for key in ("compile_s", "xfer_gflops_per_step", "xfer_temp_gb"):
                 if key in child:
                     info[key] = child[key]
     return rates
@@ -236,9 +244,10 @@ def main(argv=None) -> list[dict]:
     import torch
 
     torch.set_num_threads(args.torch_threads)
+    fields = model_fields(args.model_fields)
     env = {**machine(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "jax": jax.__version__, "xla_devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "xla_threads": "XLA default (one intra-op pool of nproc threads)"}
+           "xla_threads": "XLA default (one intra-op pool of nproc threads)", "model_fields": fields}
     print(json.dumps(env), flush=True)
     results = []
     split = {tuple(item.split(":")) for item in args.split.split(",") if item}
@@ -256,7 +265,10 @@ def main(argv=None) -> list[dict]:
             info = {"size": size, "mode": mode, "batch": BATCH, "steps_per_window": steps, "windows": windows,
                     "loadavg_1min_before": round(os.getloadavg()[0], 2)}
             started = time.perf_counter()
-            if (str(size), mode) in split and not args.only:
+            if args.compile_only:
+                xfer_step(size, mode, images, labels, fields, info)
+                rates = {}
+            elif (str(size), mode) in split and not args.only:
                 info["processes"] = "one per side and window, alternating (both at once do not fit in memory)"
                 rates = _split_rates(args, size, mode, steps, windows, warmup, info)
             else:
@@ -264,7 +276,7 @@ def main(argv=None) -> list[dict]:
                 if args.only in ("", "torch") and not args.skip_torch:
                     sides["torch"] = torch_step(size, mode, images, labels)
                 if args.only in ("", "xfer"):
-                    sides["xfer"] = xfer_step(size, mode, images, labels, info)
+                    sides["xfer"] = xfer_step(size, mode, images, labels, fields, info)
                 rates = compare(sides, steps, windows, warmup)
                 del sides
             info.update(summarise(rates, "torch"))
@@ -277,12 +289,15 @@ def main(argv=None) -> list[dict]:
                     f.write(json.dumps({**env, **info}) + "\n")
             if args.only:
                 continue
-            line = (f"{size:>4} px {mode:<6} torch {info.get('torch_img_s_median', float('nan')):7.2f} img/s   "
-                    f"xfer {info['xfer_img_s_median']:7.2f} img/s   "
-                    f"xfer/torch {info.get('xfer_over_torch_median', float('nan')):.3f} "
-                    f"(windows {info.get('xfer_over_torch', [])})   {info.get('xfer_gflops_per_step')} GFLOP/step  "
-                    f"compile {info.get('compile_s')} s  wall {info['wall_s']} s  "
-                    f"load {info['loadavg_1min_before']}->{info['loadavg_1min_after']}")
+            nan = float("nan")
+            timing = "" if args.compile_only else (
+                f"torch {info.get('torch_img_s_median', nan):7.2f} img/s   "
+                f"xfer {info['xfer_img_s_median']:7.2f} img/s   "
+                f"xfer/torch {info.get('xfer_over_torch_median', nan):.3f} "
+                f"(windows {info.get('xfer_over_torch', [])})   ")
+            line = (f"{size:>4} px {mode:<6} {timing}{info.get('xfer_gflops_per_step')} GFLOP/step  "
+                    f"{info.get('xfer_temp_gb')} GB temporaries  compile {info.get('compile_s')} s  "
+                    f"wall {info['wall_s']} s  load {info['loadavg_1min_before']}->{info['loadavg_1min_after']}")
             print(line, flush=True)
     return results
 

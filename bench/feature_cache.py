@@ -1,6 +1,6 @@
 """Cached vs uncached linear probe: how much an epoch costs once the frozen backbone ran once.
 
-    PYTHONPATH=. python bench/feature_cache.py [--steps 30] [--image_size 96]   # from the repo root
+    python bench/feature_cache.py [--steps 30] [--image_size 96]
 
 Both runs are the quickstart (ImageNet EfficientNet-Lite0, head only, digits)
 in this one process, back to back; the figures are steady-state seconds per
@@ -11,12 +11,15 @@ the epoch-time ratio.
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from configs import quickstart
-from xfer.training import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's xfer and configs
+
+from configs import quickstart  # noqa: E402
+from xfer.training import train  # noqa: E402
 
 
 def _run(workdir: Path, steps: int, image_size: int, cache: str) -> tuple[dict, float]:

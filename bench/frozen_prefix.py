@@ -24,10 +24,9 @@ import statistics
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's xfer and configs
 
-import classic_recipe as cr  # noqa: E402  (timing and FLOP helpers)
+import classic_recipe as cr  # noqa: E402  (timing and FLOP helpers, beside this script)
 
 
 def parse_args(argv=None):
@@ -47,42 +46,40 @@ class Programs:
     def __init__(self, model_name: str, preset: str, images, labels):
         import jax
         import jax.numpy as jnp
-        import ml_collections
         import numpy as np
 
-        from xfer.training import feature_cache, step as step_lib, train
-
         from xfer import models
-
-        from xfer.learning import optim, partition, presets
+        from xfer.learning import optim, plan
+        from xfer.training import feature_cache, mesh as mesh_lib, step as step_lib
+        from xfer.weights.initialise import initial_variables
 
         size = images.shape[1]
         model = models.build(model_name, num_classes=10)
-        variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
-        mesh = step_lib.data_mesh()
-        batch = step_lib.global_batch({"image": images, "label": labels, "index": np.arange(len(labels)),
+        variables = initial_variables(model, model_name, "scratch", size, seed=0, head_zero_init=False)
+        mesh = mesh_lib.data_mesh()
+        batch = mesh_lib.global_batch({"image": images, "label": labels, "index": np.arange(len(labels)),
                                        "mask": np.ones(len(labels), np.float32)}, mesh)
+        group_spec = optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9)
+        optim_config = {group: group_spec for group in ("head", "backbone")}
         self.calls, self.gflops = {}, {}
         for name, setting in (("step", preset), ("full", "full")):
-            labels_tree, running, _ = train.freeze_plan(setting, (), model_name, variables)
-            group_spec = optim.group_config(optimizer="sgd", lr=1e-3, momentum=0.9)
-            optim_config = ml_collections.ConfigDict({g: group_spec for g in ("head", "backbone")})
-            tx = optim.build(presets.optim_specs(optim_config, setting, labels_tree), labels_tree, 1000)
+            freeze = plan.build(setting, (), optim_config, model_name, variables)
+            tx = freeze.optimizer(total_steps=1000)
 
             def fresh_state():  # copies, one per program: a train step donates (deletes) the state it is given
-                return step_lib.replicate(step_lib.create_state(jax.tree.map(jnp.array, variables), tx, 0), mesh)
+                return mesh_lib.replicate(step_lib.create_state(jax.tree.map(jnp.array, variables), tx, 0), mesh)
 
-            self._add(name, step_lib.make_train_step(model, tx, labels_tree, mesh, running), fresh_state(), batch)
+            self._add(name, step_lib.make_train_step(model, tx, freeze, mesh), fresh_state(), batch)
             if name == "step":
-                self.cut = feature_cache.check_cut(feature_cache.AUTO, model, variables, size, labels_tree, running)
+                self.cut = feature_cache.check_cut(feature_cache.AUTO, model, variables, size, freeze)
                 prefix = feature_cache.make_feature_step(model, self.cut, mesh)
                 state = fresh_state()
                 features = prefix(state.params, state.batch_stats, batch)[0]
                 self._add("prefix", jax.jit(lambda s, b: prefix(s.params, s.batch_stats, b)), state, batch,
                           feeds_state=False)
-                rest = step_lib.make_train_step(model, tx, labels_tree, mesh, running, cut=self.cut, image_size=size)
+                rest = step_lib.make_train_step(model, tx, freeze, mesh, inputs=feature_cache.inputs(self.cut, size))
                 self._add("rest", rest, fresh_state(), {**batch, "image": features})
-                self.trainable = partition.count_trainable(variables["params"], labels_tree)
+                self.trainable = freeze.trainable_parameters
 
     def _add(self, name: str, jitted, state, batch, feeds_state: bool = True):
         """Compiles `jitted(state, batch)` and keeps its FLOPs and its (call, sync)."""

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's xfer and configs
 
 
 def parse_args(argv=None):
@@ -58,15 +58,15 @@ def main(argv=None):
     from sklearn.preprocessing import StandardScaler
 
     from xfer import data as data_lib, models
-
-    from xfer.training import feature_cache, step as step_lib, train
+    from xfer.training import feature_cache, mesh as mesh_lib
+    from xfer.weights.initialise import initial_variables
 
     info = models.info(args.model)
     data = data_lib.build(data_lib.config_dict(source="folder", path=args.data, image_size=args.image_size,
                                                augment="none"), info, 100, 0)
     model = models.build(args.model, num_classes=data.num_classes)
-    variables = train.init_variables(model, args.model, "imagenet", args.image_size, 0, head_zero_init=True)
-    mesh = step_lib.data_mesh()
+    variables = initial_variables(model, args.model, "imagenet", args.image_size, 0, head_zero_init=True)
+    mesh = mesh_lib.data_mesh()
     step = head_inputs(model, info.head.strip("^/"), mesh)
     start = time.perf_counter()
     (x_train, y_train), (x_val, y_val) = (
