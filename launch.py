@@ -1,8 +1,9 @@
-"""Runs one fine-tuning job: `python launch.py --config=configs/X.py[:args] --workdir=DIR`.
+"""Runs one fine-tuning job: `python launch.py --config=configs/X.py[:args] [--workdir=DIR]`.
 
 Override any config field from the command line (`--config.batch_size=32`);
 the config is locked, so a misspelt key is an error, not a silently ignored
-flag. Re-running with the same workdir and config resumes the run.
+flag. Without --workdir the run goes to `runs/X[,args]` (`xfer.cli.default_workdir`).
+Re-running with the same workdir and config resumes the run.
 
 A SIGTERM (a preemption notice) saves a checkpoint at the next step and exits
 0; a Ctrl-C does the same and exits 130, and a second Ctrl-C stops at once
@@ -24,8 +25,9 @@ from xfer import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/quickstart.py.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
-flags.mark_flags_as_required(["config", "workdir"])
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary "
+                                "(default: runs/<config name>[,<config argument>]).")
+flags.mark_flags_as_required(["config"])
 # A manual multi-process launch; TPU pods, SLURM and Kubernetes are detected without them (xfer/scaling/distributed.py).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, the same for every process (env JAX_COORDINATOR_ADDRESS).")
@@ -42,6 +44,9 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     cli.quiet_backend_probe()
+    workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"])
+    if _WORKDIR.value is None:
+        logging.info("workdir: %s (the default for this config; --workdir chooses another)", workdir)
     import jax  # after flag parsing: importing JAX is slow, --help should not be
     from xfer.scaling import distributed
     from xfer.training import train
@@ -51,7 +56,7 @@ def main(argv):
         if jax.process_index() > 0:  # one copy of the progress lines, process 0's
             logging.getLogger().setLevel(logging.WARNING)
         preemption.listen()
-        summary = train.run(_CONFIG.value, _WORKDIR.value)
+        summary = train.run(_CONFIG.value, workdir)
         if summary is None:  # stopped at a boundary (SIGTERM: 0, Ctrl-C: 130); the same command resumes
             sys.exit(preemption.exit_code())
     except cli.USER_ERRORS as e:

@@ -132,6 +132,16 @@ def test_printed_commands_load_in_launch_py_as_the_runs_the_sweep_would_run(tmp_
         assert workdir == str(tmp_path / run.name)
 
 
+def test_without_workdir_a_sweep_goes_to_runs_sweeps_named_by_its_config(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "xfer.experiments.sweep", f"--config={REPO / CONFIG}:res=16",
+                             "--print_commands"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sweep directory: runs/sweeps/ablate_freeze,res=16 (the default" in result.stderr
+    workdirs = {launch_py_flags(shlex.split(command)[1:])[1] for command in result.stdout.strip().splitlines()}
+    assert workdirs and {str(Path(w).parent) for w in workdirs} == {
+        str(tmp_path / "runs" / "sweeps" / "ablate_freeze,res=16")}
+
+
 def launch_py_flags(argv: list[str]):
     """The config and workdir that `argv` gives launch.py, through flags defined as launch.py defines them."""
     flag_values = flags.FlagValues()

@@ -332,6 +332,24 @@ def _write_images(root: Path, counts: dict[str, int], classes=("cat", "dog")) ->
                 Image.fromarray(rng.integers(0, 256, (12, 12, 3), np.uint8)).save(root / split / name / f"{i}.png")
 
 
+def test_the_card_command_runs_without_workdir_and_the_same_command_resumes(tmp_path):
+    """`python launch.py --config=configs/vgg16_cifar.py` as written (offline overrides only): the run goes to
+    runs/<config name>[,<config argument>] under the current directory, and the same command resumes it."""
+    _write_images(tmp_path / "images", {"train": 4, "test": 2})
+    command = [sys.executable, str(REPO / "launch.py"), f"--config={REPO / 'configs' / 'vgg16_cifar.py'}:res=32",
+               "--config.init=scratch", "--config.data.source=folder", f"--config.data.path={tmp_path / 'images'}",
+               "--config.total_steps=4", "--config.batch_size=4"]
+    first, second = (subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+                     for _ in range(2))
+    workdir = tmp_path / "runs" / "vgg16_cifar,res=32"
+    for result in (first, second):
+        assert_ok(result)
+        assert f"workdir: {Path('runs') / 'vgg16_cifar,res=32'} (the default for this config" in result.stderr
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 4
+    assert "resumed from step 4" in second.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["vgg16_cifar,res=32"]
+
+
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory, run_b):
     """A 2-class folder run from run_b's final variables: first with a corrupt image, then fixed."""

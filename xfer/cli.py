@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import sys
+from pathlib import Path
 
 from absl import flags
+from ml_collections import config_flags
 
 # Errors that mean "bad input", reported as one line; anything else is a bug and keeps its traceback.
 # An OSError here is bad input too: an offline download (xfer.weights.sources.DownloadError), a
@@ -36,6 +39,25 @@ def flags_parser(config_flag: flags.FlagHolder):
             sys.exit(2)
 
     return parse
+
+
+RUNS_DIR = Path("runs")
+
+
+def default_workdir(config_flag: flags.FlagHolder, kind: str = "") -> Path:
+    """`runs/<config name>[,<config argument>]` under the current directory: where a run goes when
+    no --workdir is given, so the command a tutorial prints works as written and the same command
+    resumes. `kind` ("sweeps") keeps a sweep's directory apart from a run of the same config.
+
+        --config=configs/vgg16_cifar.py           -> runs/vgg16_cifar
+        --config=configs/vgg16_cifar.py:res=32    -> runs/vgg16_cifar,res=32
+
+    Command-line overrides (`--config.x=...`) are not in the name: the workdir's config.json
+    then differs and the run is refused with the differing keys named, so nothing is overwritten.
+    """
+    path, _, argument = config_flags.get_config_filename(config_flag).partition(":")
+    name = Path(path).stem + (f",{re.sub(r'[^A-Za-z0-9_.=,+-]', '-', argument)}" if argument else "")
+    return RUNS_DIR / kind / name
 
 
 def _flag_error(error: BaseException, argv) -> str:

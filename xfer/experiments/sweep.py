@@ -10,7 +10,8 @@
         "optim": {"head": {"lr": (1e-3, 1e-2)}},      # the field optim.head.lr
     })
 
-Each combination is one run, in a workdir under --workdir named by its values
+Each combination is one run, in a workdir under --workdir (default
+`runs/sweeps/<config name>[,<config argument>]`) named by its values
 (`partition=last_k-2,seed=1`), fields in sorted order, the last varying fastest.
 Runs go one after another in this process through `xfer.training.train.run`, sharing
 compiled programs through JAX's persistent cache (`jax_cache/` there, unless
@@ -197,10 +198,11 @@ def _main() -> None:
     preemption.stop_on_interrupt()  # first: from here on a Ctrl-C is one line and exit 130, no traceback
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Path to a config with a `sweep` field, e.g. configs/ablate_freeze.py.", lock_config=True)
-    workdir_flag = flags.DEFINE_string("workdir", None, "Directory that gets one workdir per run and the results.")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Directory that gets one workdir per run and the results "
+                                       "(default: runs/sweeps/<config name>[,<config argument>]).")
     print_commands_flag = flags.DEFINE_bool(
         "print_commands", False, "Print one launch.py command per run instead of running them.")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["config"])
 
     def main(argv):
         if len(argv) > 1:
@@ -209,7 +211,10 @@ def _main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
         logging.getLogger("absl").setLevel(logging.WARNING)
         cli.quiet_backend_probe()
-        sweep_dir = Path(workdir_flag.value).expanduser().absolute()
+        sweep_dir = Path(workdir_flag.value or cli.default_workdir(flags.FLAGS["config"], "sweeps"))
+        if workdir_flag.value is None:
+            logging.info("sweep directory: %s (the default for this config; --workdir chooses another)", sweep_dir)
+        sweep_dir = sweep_dir.expanduser().absolute()
         try:
             runs = grid(config_flag.value)
             check(runs, sweep_dir)
