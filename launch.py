@@ -8,6 +8,9 @@ Re-running with the same workdir and config resumes the run.
 A SIGTERM (a preemption notice) saves a checkpoint at the next step and exits
 0; a Ctrl-C does the same and exits 130, and a second Ctrl-C stops at once
 (xfer.scaling.preemption). Either way the same command resumes.
+
+XLA flags that make the model's family faster on CPU are set unless XLA_FLAGS
+is (xfer.training.xla_flags), and logged.
 """
 
 import logging
@@ -48,10 +51,12 @@ def main(argv):
     if _WORKDIR.value is None:
         logging.info("workdir: %s (the default for this config; --workdir chooses another)", workdir)
     import jax  # after flag parsing: importing JAX is slow, --help should not be
+    from xfer import models
     from xfer.scaling import distributed
-    from xfer.training import train
+    from xfer.training import train, xla_flags
 
     try:
+        xla_flags.apply(models.info(_CONFIG.value.model.name).cpu_xla_flags)  # before the backend starts
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any device
         if jax.process_index() > 0:  # one copy of the progress lines, process 0's
             logging.getLogger().setLevel(logging.WARNING)

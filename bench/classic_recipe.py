@@ -2,7 +2,7 @@
 
     python bench/classic_recipe.py                                   # 32 and 224 px, frozen and full
     python bench/classic_recipe.py --sizes 32 --modes frozen --windows 5
-    python bench/classic_recipe.py --xla-flags=--xla_cpu_experimental_ynn_fusion_type=   # other XLA flags
+    python bench/classic_recipe.py --xla-flags=--xla_cpu_multi_thread_eigen=false   # other XLA flags than launch.py's
     python bench/classic_recipe.py --model-fields cpu_lowerings=False                     # other model fields
     python bench/classic_recipe.py --sizes 224 --modes full --compile-only                 # FLOPs, memory only
 
@@ -61,7 +61,8 @@ def parse_args(argv=None):
                         help="untimed steps per side first (default: 2 at <=64 px, 1 above)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="default: one per core this process may use, as XLA:CPU's intra-op pool")
-    parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
+    parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported "
+                        "(default: launch.py's choice for VGG16, xfer.training.xla_flags)")
     parser.add_argument("--model-fields", default="",
                         help="comma-separated field=value for xfer's VGG16 (xfer.models.build overrides)")
     parser.add_argument("--compile-only", action="store_true",
@@ -239,6 +240,10 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    else:  # what launch.py runs by default for VGG16
+        from xfer import models
+        from xfer.training import xla_flags
+        xla_flags.apply(models.info("vgg16").cpu_xla_flags)
     import jax
     import numpy as np
     import torch

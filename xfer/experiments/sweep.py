@@ -191,6 +191,21 @@ def _config_overrides(argv: Sequence[str]) -> list[str]:
     return overrides
 
 
+def _choose_xla_flags(runs: Sequence[Run]) -> None:
+    """One process runs every run: the models' XLA flags (xfer.training.xla_flags) only where every
+    run's model asks for the same."""
+    from xfer import models
+    from xfer.training import xla_flags
+
+    wanted = set()
+    for run in runs:
+        try:
+            wanted.add(models.info(run.config.model.name).cpu_xla_flags)
+        except ValueError:
+            return  # an unknown model: `check` names it
+    xla_flags.apply(wanted.pop() if len(wanted) == 1 else ())
+
+
 def _main() -> None:
     """The command line; flags are defined here, not on import, so tests and launch.py can import this."""
     from xfer.scaling import preemption  # JAX-free
@@ -217,6 +232,7 @@ def _main() -> None:
         sweep_dir = sweep_dir.expanduser().absolute()
         try:
             runs = grid(config_flag.value)
+            _choose_xla_flags(runs)  # before `check` starts the backend
             check(runs, sweep_dir)
             if print_commands_flag.value:
                 config_arg = config_flags.get_config_filename(flags.FLAGS["config"])

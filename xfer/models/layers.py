@@ -46,9 +46,9 @@ def use_cpu_lowerings(setting: bool | None) -> bool:
     by op and in VGG and EfficientNet-Lite0, forward and backward). They exist because XLA:CPU
     runs the standard forms far below its speed elsewhere (bench/README.md): VGG16's full train
     step at 32 px is 4.4x faster with them (11.1 -> 48.8 img/s), its 224 px step needs 12.8 ->
-    8.0 GB of temporaries (`bench/classic_recipe.py --compile-only`), EfficientNet-Lite0's full step takes 2931 -> 1984 ms. Nobody measured
-    them on GPU or TPU, whose compilers lower the standard ops their own way, so there the models
-    use those.
+    8.0 GB of temporaries (bench/classic_recipe.py --compile-only), EfficientNet-Lite0's full step
+    takes 2931 -> 1984 ms. Nobody measured them on GPU or TPU, whose compilers lower the standard
+    ops their own way, so there the models use those.
     """
     return jax.default_backend() == "cpu" if setting is None else setting
 

@@ -57,7 +57,16 @@ class ModelInfo:
     # may import its model's module (for its configs) without an import cycle.
     weight_map: Callable[[], WeightMap] | None = None
     imagenet: TorchvisionFile | PipFile | None = None  # where its ImageNet weights are found
+    # XLA flags that make this family faster on XLA:CPU, set by launch.py when the user sets none
+    # (xfer.training.xla_flags checks them against the jaxlib release).
+    cpu_xla_flags: tuple[str, ...] = ()
 
+
+# XLA:CPU's Eigen convolutions instead of its YNNPACK fusions (jaxlib 0.10): VGG16's train step at
+# 224 px runs 1.6x (features frozen) and 2.3x (full) faster (bench/README.md), ResNet-50's full
+# fine-tuning step at 96 px batch 32 went from 0.44x to 0.50x of torch's speed (issue #12's report);
+# EfficientNet-Lite0's depthwise blocks get slower with it.
+EIGEN_CONVOLUTIONS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
 MODELS: dict[str, ModelInfo] = {}
 

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from xfer.models.layers import batch_norm
-from xfer.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, TorchvisionFile, register, weight_map_in
+from xfer.models.registry import (EIGEN_CONVOLUTIONS, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, TorchvisionFile,
+                                  register, weight_map_in)
 
 STEM_CHANNELS = 64
 STAGE_PLANES = (64, 128, 256, 512)
@@ -192,5 +193,6 @@ IMAGENET_FILES = {
 
 register(*(ModelInfo(name, functools.partial(ResNet, *CONFIGS[name]), 224, IMAGENET_MEAN, IMAGENET_STD,
                      head=HEAD, blocks=blocks(), weight_map=weight_map_in("xfer.weights.resnet", name),
-                     imagenet=TorchvisionFile(IMAGENET_FILES[name]))
+                     imagenet=TorchvisionFile(IMAGENET_FILES[name]),
+                     cpu_xla_flags=EIGEN_CONVOLUTIONS)
            for name in CONFIGS))

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from xfer.models.layers import adaptive_avg_pool, batch_norm, conv_lowering, dropout, max_pool_2x2, use_cpu_lowerings
-from xfer.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, TorchvisionFile, register, weight_map_in
+from xfer.models.registry import (EIGEN_CONVOLUTIONS, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, TorchvisionFile,
+                                  register, weight_map_in)
 
 # torchvision's `cfgs`: channel counts, "M" for a 2x2 max-pool.
 CONFIGS = {
@@ -166,7 +167,8 @@ def _info(name: str) -> ModelInfo:
     cfg, with_bn = CONFIGS[name[:5]], name.endswith("_bn")
     return ModelInfo(name, functools.partial(VGG, cfg, with_bn), 224, IMAGENET_MEAN, IMAGENET_STD,
                      head=HEAD, blocks=blocks(cfg, with_bn), weight_map=weight_map_in("xfer.weights.vgg", name),
-                     imagenet=TorchvisionFile(IMAGENET_FILES[name]))
+                     imagenet=TorchvisionFile(IMAGENET_FILES[name]),
+                     cpu_xla_flags=EIGEN_CONVOLUTIONS)
 
 
 register(*(_info(name + suffix) for name in CONFIGS for suffix in ("", "_bn")))
