@@ -118,12 +118,6 @@ def test_tfds_mock_cifar10():
     assert sum(b["mask"].sum() for b in eval_batches) == 20
 
 
-def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
-    config = dict(source="tfds", name="cifar10", data_dir=str(tmp_path))
-    with pytest.raises(xdata.DataError, match=r"not prepared.*xfer\[prepare\].*tfds build cifar10"):
-        xdata.build(config, IMAGENET, 8, 0, process_index=0, process_count=1)
-
-
 def test_image_folder(folder):
     data = _folder_data(folder, process_index=0, process_count=1)
     assert data.class_names == ("cat", "dog")

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from xfer.data import tfds_prepare
 from xfer.data.errors import DataError
 from xfer.data.settings import DataSettings
 
@@ -77,21 +78,27 @@ def _tfds(name: str, train_split: str, eval_split: str, data_dir: str | None) ->
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(f"tfds has no dataset named {name!r}; see "
                         "https://www.tensorflow.org/datasets/catalog for the names") from None
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    splits = _read_tfds(builder, train_split, eval_split)
+    if splits is None:
+        tfds_prepare.prepare(builder)
+        # A new builder: the old one describes the dataset as its code does, not as it was written.
+        splits = _read_tfds(tfds.builder(name, data_dir=data_dir), train_split, eval_split)
+    return splits
+
+
+def _read_tfds(builder, train_split: str, eval_split: str) -> Splits | None:
+    """The splits of a prepared dataset, read from its files; None if it is not prepared."""
     try:
-        # Reads files only; never downloads or prepares (that needs TensorFlow).
         train, evaluation = builder.as_data_source(split=[train_split, eval_split])
     except (NotImplementedError, ValueError, FileNotFoundError) as error:
-        # NotImplementedError: no ArrayRecord files (unprepared, or prepared as TFRecord).
-        if builder.is_prepared() and not isinstance(error, NotImplementedError):
-            raise DataError(f"tfds dataset {name!r} in {builder.data_dir}: {error}") from None
-        root = builder.data_dir_root
-        raise DataError(
-            f"tfds dataset {name!r} is not prepared in ArrayRecord format under {root}; "
-            f"preparing needs TensorFlow: pip install 'xfer[prepare]', then run "
-            f"`tfds build {name} --file_format=array_record --data_dir={root}` or, in Python, "
-            f"tfds.builder({name!r}, data_dir={str(root)!r}).download_and_prepare("
-            f"file_format='array_record')") from None
+        if not tfds_prepare.is_prepared(builder):
+            return None
+        if isinstance(error, NotImplementedError):  # prepared, but not as ArrayRecord
+            raise DataError(f"tfds dataset {builder.name!r} in {builder.data_dir} is prepared in a format other "
+                            "than ArrayRecord, which grain cannot read by index; delete that directory (the next "
+                            "run prepares it as ArrayRecord) or pass another config.data.data_dir") from None
+        raise DataError(f"tfds dataset {builder.name!r} in {builder.data_dir}: {error}") from None
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
     class_names = tuple(builder.info.features[label_key].names)
     return Splits(_TfdsRecords(train, image_key, label_key),
                   _TfdsRecords(evaluation, image_key, label_key), class_names)
