@@ -67,6 +67,7 @@ def get_config(arg: str = ""):
     config.bn_policy = ((".*", "stats_frozen"),) if has_batch_norm else ()
     config.bn_cross_device = True
     config.feature_cache = ""  # the masks train different prefixes, so none is cached (xfer/training/feature_cache.py)
+    config.feature_cache_dtype = "float32"  # how a cache would store its rows: "float32" or "bfloat16"
     config.optim = ml_collections.ConfigDict({
         "head": optim.group_config(optimizer="adam", lr=1e-2, schedule="cosine"),
         # Without warmup Adam's first steps, normalised by a second moment from a few gradients, can

@@ -37,8 +37,8 @@ def cached_eval_logits(config, workdirs: list[Path]) -> tuple[list[np.ndarray], 
     (`config` with its feature cache on), and the labels: what the runs' evaluations computed, up
     to rounding."""
     plan = train.setup(config)
-    with np.load(next((workdirs[0] / "feature_cache").glob("eval-*.npz"))) as saved:
-        features, labels = saved["features"], saved["labels"]
+    rows, labels = feature_cache.read(next((workdirs[0] / "feature_cache").glob("eval-*")), plan.data.num_eval)
+    features = np.stack([rows[i] for i in range(len(rows))])
 
     @jax.jit
     def logits(variables):
@@ -73,3 +73,23 @@ def assert_same_accuracy(accuracies: tuple[float, float], logits: list[np.ndarra
     for run, accuracy in zip(predictions, accuracies):  # these logits are the runs' evaluations
         assert abs(np.mean(run == labels) - accuracy) * len(labels) <= near_ties.sum() + 1e-6
     assert abs(accuracies[0] - accuracies[1]) * len(labels) <= near_ties.sum() + 1e-6, accuracies
+
+
+def run_cached_and_uncached(make_config, root: Path) -> dict[str, dict]:
+    """`train.run` of `make_config(feature_cache=...)` with the cache ("auto") and without (""), in
+    root/cached and root/uncached: each run's summary."""
+    return {name: train.run(make_config(feature_cache=cut), root / name)
+            for name, cut in (("cached", "auto"), ("uncached", ""))}
+
+
+def assert_cached_equals_uncached(make_config, root: Path, summaries: dict, rtol: float, atol: float,
+                                  min_margin: float) -> None:
+    """The two runs of `run_cached_and_uncached` ended with the same parameters (within the
+    tolerance) and the same eval accuracy (off near-tied logits)."""
+    params = {name: checkpoint.read_variables(root / name / "checkpoints")["params"] for name in summaries}
+    used, where = tolerance_used(params["cached"], params["uncached"], rtol, atol)
+    print(f"cached vs uncached params: {used:.3g} of the tolerance at {where}")
+    assert used <= 1, f"{where} differs by {used:.3g} times the tolerance"
+    runs = ("cached", "uncached")
+    logits, labels = cached_eval_logits(make_config(feature_cache="auto"), [root / run for run in runs])
+    assert_same_accuracy(tuple(summaries[run]["eval_accuracy"] for run in runs), logits, labels, min_margin)

@@ -8,6 +8,11 @@ gradient near 0 into +-lr steps).
 """
 
 import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -17,7 +22,7 @@ import pytest
 
 from xfer import models
 from xfer.learning import optim, plan as freeze_plan
-from xfer.training import checkpoint, feature_cache, train
+from xfer.training import feature_cache, train
 
 import numerics
 from configs import quickstart
@@ -53,27 +58,18 @@ def _config(**overrides):
 @pytest.fixture(scope="module")
 def cached_and_uncached(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    summaries = {name: train.run(_config(feature_cache=cut), root / name)
-                 for name, cut in (("cached", "auto"), ("uncached", ""))}
-    params = {name: checkpoint.read_variables(root / name / "checkpoints")["params"] for name in summaries}
-    return root, summaries, params
+    return root, numerics.run_cached_and_uncached(_config, root)
 
 
 def test_cached_training_equals_training_on_images(cached_and_uncached):
-    root, summaries, params = cached_and_uncached
-    used, where = numerics.tolerance_used(params["cached"], params["uncached"], RTOL, ATOL)
-    print(f"cached vs uncached params: {used:.3g} of the tolerance at {where}")
-    assert used <= 1, f"{where} differs by {used:.3g} times the tolerance"
-    runs = ("cached", "uncached")
-    logits, labels = numerics.cached_eval_logits(_config(feature_cache="auto"), [root / run for run in runs])
-    numerics.assert_same_accuracy(tuple(summaries[run]["eval_accuracy"] for run in runs), logits, labels,
-                                  MIN_MARGIN)
-    assert len(list((root / "cached" / "feature_cache").glob("*.npz"))) == 2  # train and eval
+    root, summaries = cached_and_uncached
+    numerics.assert_cached_equals_uncached(_config, root, summaries, RTOL, ATOL, MIN_MARGIN)
+    assert sorted(p.name.split("-")[0] for p in (root / "cached" / "feature_cache").iterdir()) == ["eval", "train"]
     assert not (root / "uncached" / "feature_cache").exists()
 
 
 def test_a_resumed_run_reuses_the_saved_cache(cached_and_uncached, caplog):
-    root, _, _ = cached_and_uncached
+    root, _ = cached_and_uncached
     with caplog.at_level("INFO", logger="xfer"):
         train.run(_config(feature_cache="auto"), root / "cached")
     assert "feature cache: loaded" in caplog.text
@@ -122,26 +118,84 @@ def test_bad_cache_settings_fail_before_the_workdir_is_touched(tmp_path, overrid
     assert not (tmp_path / "run").exists()
 
 
-# --- writing the cache file -------------------------------------------------
+# --- writing and reading the cache folder ------------------------------------
 
-KEY = {"split": "train", "cut": "_bn1"}
+KEY = {"split": "train", "cut": "_bn1", "dtype": "float32"}
+COUNT, BATCH = 300, 64
 
 
-def _arrays():
-    return np.ones((300, 64), np.float32), np.zeros((300,), np.int32)
+def _batches(positions=range(COUNT)):
+    """What `local_rows` yields: (features, labels, positions) a batch at a time; row i is all i."""
+    positions = np.asarray(positions)
+    for start in range(0, len(positions), BATCH):
+        index = positions[start:start + BATCH]
+        yield np.repeat(index[:, None] + 0.1, 64, axis=1).astype(np.float32), index % 10, index
+
+
+def _folder(workdir: Path) -> list[str]:
+    return sorted(p.name for p in (workdir / "feature_cache").iterdir())
+
+
+def test_rows_stream_to_disk_and_read_back_by_position(tmp_path):
+    def rows():
+        for batch_number, batch in enumerate(_batches()):
+            if batch_number == 2:  # two batches on disk, nothing that reads as complete yet
+                (written,) = (tmp_path / "feature_cache").glob("train-*.tmp/shard-00000-of-00001.features")
+                assert written.stat().st_size == 2 * BATCH * 64 * 4
+                assert [name.endswith(".tmp") for name in _folder(tmp_path)] == [True]
+            yield batch
+
+    features, labels = feature_cache.cached_features(tmp_path, KEY, COUNT, rows)
+    assert len(features) == COUNT and not isinstance(features, np.ndarray)  # read row by row, not loaded
+    np.testing.assert_array_equal(features[123], np.full(64, 123.1, np.float32))
+    np.testing.assert_array_equal(labels, np.arange(COUNT) % 10)
+    assert [name.endswith(".tmp") for name in _folder(tmp_path)] == [False]
+
+
+def test_bfloat16_stores_half_the_bytes_and_reads_rounded_float32(tmp_path):
+    features, _ = feature_cache.cached_features(tmp_path, {**KEY, "dtype": "bfloat16"}, COUNT, _batches)
+    (shard,) = (tmp_path / "feature_cache").glob("train-*/*.features")
+    assert shard.stat().st_size == COUNT * 64 * 2
+    assert features[123].dtype == np.float32 and features[123][0] == 123.0  # 123.1 to bfloat16's 8 bits
+
+
+def test_shards_of_several_processes_read_as_one_split(tmp_path):
+    """Process p of 2 at 4 rows each writes blocks p, p + 2, ... of the pass (xfer.data.pipeline)."""
+    folder = tmp_path / "train-x"
+    folder.mkdir()
+    blocks = np.arange(COUNT).reshape(-1, 4)
+    for process in (0, 1):
+        rows = _batches(blocks[process::2].ravel())
+        feature_cache._write_shard(folder / f"shard-{process:05d}-of-00002", rows, COUNT // 2, "float32")
+    features, labels = feature_cache.read(folder, COUNT)
+    np.testing.assert_array_equal(np.stack([features[i][0] for i in range(COUNT)]),
+                                  np.arange(COUNT, dtype=np.float32) + np.float32(0.1))
+    np.testing.assert_array_equal(labels, np.arange(COUNT) % 10)
+    (folder / "shard-00001-of-00002.npz").unlink()  # half the split
+    with pytest.raises(feature_cache.FeatureCacheError, match="does not hold each of the split's 300 examples"):
+        feature_cache.read(folder, COUNT)
+
+
+def _write_fails_after_one_batch(monkeypatch, failure):
+    """The second write of rows fails (a full disk: ENOSPC after a partial write, or a Ctrl-C)."""
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            real_write(fd, bytes(data)[:1000])
+            raise failure
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_or_interrupted_write_leaves_no_file(tmp_path, monkeypatch, failure):
-    """A full disk (simulated: np.savez writes part of the file, then fails) or a Ctrl-C mid-write."""
-    def savez_then_fail(file, **arrays):
-        Path(file).write_bytes(b"\0" * 50_000)
-        raise failure
-
-    monkeypatch.setattr(np, "savez", savez_then_fail)
+    _write_fails_after_one_batch(monkeypatch, failure)
     with pytest.raises(type(failure)) as raised:
-        feature_cache.cached_features(tmp_path, KEY, _arrays)
-    assert list((tmp_path / "feature_cache").iterdir()) == []  # the partial file went with the error
+        feature_cache.cached_features(tmp_path, KEY, COUNT, _batches)
+    assert _folder(tmp_path) == []  # the partial folder went with the error
     if isinstance(failure, OSError):
         assert raised.value.errno == errno.ENOSPC
         message = str(raised.value)
@@ -149,17 +203,41 @@ def test_a_failed_or_interrupted_write_leaves_no_file(tmp_path, monkeypatch, fai
         assert "\n" not in message
 
 
-def test_a_partial_file_a_killed_run_left_is_removed_before_the_pass(tmp_path):
-    feature_cache.cached_features(tmp_path / "first", KEY, _arrays)
-    name = next((tmp_path / "first" / "feature_cache").glob("*.npz")).name
-    stale = tmp_path / "run" / "feature_cache" / f"{name}.tmp.npz"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"\0" * 50_000)  # what a SIGKILL mid-write leaves
+def test_a_disk_without_room_for_the_shard_fails_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
+    with pytest.raises(feature_cache.FeatureCacheWriteError) as raised:
+        feature_cache.cached_features(tmp_path, KEY, COUNT, _batches)
+    assert raised.value.errno == errno.ENOSPC
+    assert "this process's shard needs 0.00 GiB, 0.00 GiB is free; free space there" in str(raised.value)
+    assert _folder(tmp_path) == []
 
-    def build():
-        assert not stale.exists()  # its space is free before the pass starts
-        return _arrays()
 
-    features, _ = feature_cache.cached_features(tmp_path / "run", KEY, build)
-    assert [p.name for p in stale.parent.iterdir()] == [name]
-    np.testing.assert_array_equal(np.load(stale.parent / name)["features"], features)
+KILLED_MID_WRITE = """\
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from xfer.training import feature_cache
+
+def rows():
+    yield np.ones((64, 64), np.float32), np.zeros(64, np.int32), np.arange(64)
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-pass, a batch on disk
+
+feature_cache.cached_features(Path(sys.argv[1]), {"split": "train", "cut": "_bn1", "dtype": "float32"}, 300, rows)
+"""
+
+
+def test_a_killed_write_leaves_nothing_that_reads_as_complete_and_the_rerun_starts_over(tmp_path):
+    run = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path)], cwd=Path(__file__).parents[1],
+                         capture_output=True, timeout=120)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    (left,) = _folder(tmp_path)
+    assert left.endswith(".tmp") and list((tmp_path / "feature_cache" / left).glob("*.features"))
+
+    def rows():
+        stale = (tmp_path / "feature_cache" / left).iterdir()
+        assert _folder(tmp_path) == [left] and all(f.stat().st_size == 0 for f in stale)  # emptied first
+        yield from _batches()
+
+    features, _ = feature_cache.cached_features(tmp_path, KEY, COUNT, rows)
+    assert [name + ".tmp" for name in _folder(tmp_path)] == [left]
+    np.testing.assert_array_equal(features[299], np.full(64, 299.1, np.float32))

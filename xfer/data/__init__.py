@@ -8,8 +8,10 @@
 
 B is this process's share, global_batch_size // jax.process_count(), and each process reads only
 its own examples. Images are normalised for the model: `(pixels / 255 - mean) / std` with its
-ModelInfo's mean and std. No TensorFlow is needed at run time; only preparing a tfds dataset needs
-it (`pip install 'xfer[prepare]'`, then `tfds build cifar10 --file_format=array_record`).
+ModelInfo's mean and std, unless config.data.mean / std give others. No TensorFlow is needed at
+run time. A tfds dataset not yet prepared is downloaded and written as ArrayRecord on first use
+(xfer.data.tfds_prepare); builders that encode image arrays (cifar10) need
+`pip install 'xfer[prepare]'` for that.
 
 Config examples (every field and its default: `xfer.data.settings.DataSettings`):
 
@@ -25,7 +27,7 @@ every field, so any of them (the other sources' too) can be overridden from the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import jax
@@ -34,7 +36,7 @@ import numpy as np
 from xfer.data import pipeline, sources
 from xfer.data.errors import DataError
 from xfer.data.settings import DataSettings, config_dict
-from xfer.data.transforms import CropFlip, Identity, LabelsToInt32, Normalise, Prepare
+from xfer.data.transforms import INTERPOLATIONS, CropFlip, Identity, LabelsToInt32, Normalise, Prepare
 from xfer.models import ModelInfo
 
 __all__ = ["Data", "DataError", "DataSettings", "build", "config_dict"]
@@ -68,9 +70,11 @@ class Data:
         "index" (the example's position in the split): what a feature cache is computed from."""
         return iter(self._pass(self._splits.train))
 
-    def with_features(self, train: tuple[np.ndarray, np.ndarray], eval: tuple[np.ndarray, np.ndarray]) -> "Data":
+    def with_features(self, train: tuple[Sequence[np.ndarray], np.ndarray],
+                      eval: tuple[Sequence[np.ndarray], np.ndarray]) -> "Data":
         """The same pipelines (order, sharding, iterator state) over precomputed per-example
-        (features, labels) of each split in stored order: batch["image"] then holds feature rows."""
+        (features, labels) of each split in stored order: batch["image"] then holds feature rows.
+        Rows are read one by one as batches need them, never copied whole."""
         splits = sources.Splits(train=FeatureRecords(*train), eval=FeatureRecords(*eval),
                                 class_names=self._splits.class_names)
         return _assemble(splits, Identity(), Identity(), LabelsToInt32(), self.image_size, self.batch_size,
@@ -85,7 +89,7 @@ class Data:
 class FeatureRecords:
     """Random access to (feature row, label) pairs: a split whose images were replaced."""
 
-    features: np.ndarray  # (N, ...) float32
+    features: Sequence[np.ndarray]  # features[i]: example i's float32 row, read when asked for (it may be on disk)
     labels: np.ndarray  # (N,) int
 
     def __len__(self) -> int:
@@ -111,10 +115,12 @@ def build(config: Mapping[str, Any], model_info: ModelInfo, global_batch_size: i
         if not len(records):
             raise DataError(f"the {split_name} split of {settings.source} data is empty")
     image_size = settings.image_size or model_info.input_size
-    prepare = Prepare(image_size)
-    augment = (CropFlip(image_size, settings.crop_margin, settings.flip)
+    resample = INTERPOLATIONS[settings.interpolation]
+    prepare = Prepare(image_size, resample)
+    augment = (CropFlip(image_size, settings.crop_margin, settings.flip, resample)
                if settings.augment == "crop_flip" else prepare)
-    normalise = Normalise(model_info.mean, model_info.std)
+    normalise = Normalise(model_info.mean if settings.mean is None else settings.mean,
+                          model_info.std if settings.std is None else settings.std)
     shard = dict(process_index=process_index, process_count=process_count,
                  num_threads=settings.num_threads, num_workers=settings.num_workers)
     return _assemble(splits, prepare, augment, normalise, image_size, batch_size, settings.augment, seed, shard)

@@ -3,8 +3,11 @@
 When everything up to a module (the *cut*) is frozen, in inference mode, and
 the training images are not augmented, that module's output for an example
 is the same in every epoch. So it is computed once per example (one batched
-pass over the split on all devices), kept in host memory and saved in the
-workdir, and the train step runs only what comes after the cut.
+pass over the split on all devices) and streamed to files in the workdir,
+each process its own rows, as float32 or bfloat16; training reads back only
+the rows of each batch, so the cache may be larger than memory (VGG16's 224 px
+features of ImageNet are 128 GB), and the train step runs only what comes
+after the cut. Several processes need a workdir they all see, as for checkpoints.
 
 It works for any model without per-model code: during a step the cut
 module's `__call__` is intercepted and returns the cached batch instead of
@@ -17,16 +20,24 @@ two levels of modules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import math
+import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xfer.learning import norms, partition
@@ -38,6 +49,9 @@ log = logging.getLogger("xfer")
 
 AUTO = "auto"
 _AUTO_MAX_DEPTH = 2  # '_blocks/12', 'layer3', 'classifier/3': cuts that end a whole block
+# How a cache stores its rows (config.feature_cache_dtype): bfloat16 halves the disk and the reads
+# and rounds each feature to 8 significant bits (bench/README.md has what that costs in accuracy).
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 class FeatureCacheError(ValueError):
@@ -163,8 +177,8 @@ def _owns_only_frozen(labels) -> dict[str, bool]:
 def make_feature_step(model, cut: str, mesh):
     """`features(params, batch_stats, batch) -> (cut output, label, index, mask)`, inference mode.
 
-    Replicated, so every process gets every row of the global batch (each
-    process keeps the whole cache); the batch's own columns come along for that.
+    Split over 'data' like the batch, so each process receives only the rows it
+    fed: its shard of the cache, which it writes alone (`cached_features`).
     """
     def features(params, batch_stats, batch):
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -176,80 +190,195 @@ def make_feature_step(model, cut: str, mesh):
             node = node[part]
         return node["__call__"][0], batch["label"], batch["index"], batch["mask"]
 
-    return jax.jit(features, out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(features, out_shardings=NamedSharding(mesh, P("data")))
 
 
-def cached_data(data, feature_step, cut: str, state, mesh, workdir: Path):
-    """`data` (`xfer.data.Data`) over the cut's features of each split, computed once or read from the workdir."""
+def cached_data(data, feature_step, cut: str, state, mesh, workdir: Path, dtype: str = "float32"):
+    """`data` (`xfer.data.Data`) over the cut's features of each split, computed once or read from the
+    workdir, stored as `dtype` (a key of `DTYPES`)."""
     def split_features(split: str, batches, count: int):
         return cached_features(
-            workdir, {"split": split, "cut": cut},
-            lambda: compute(feature_step, state.params, state.batch_stats, batches(), count, mesh))
+            workdir, {"split": split, "cut": cut, "dtype": dtype}, count,
+            lambda: local_rows(feature_step, state.params, state.batch_stats, batches(), mesh))
 
     return data.with_features(split_features("train", data.train_pass, data.num_train),
                               split_features("eval", data.eval_batches, data.num_eval))
 
 
-def compute(feature_step, params, batch_stats, batches, count: int, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of `count` examples, placed by each batch's "index", from one pass.
+def local_rows(feature_step, params, batch_stats, batches, mesh) -> Iterator[tuple[np.ndarray, ...]]:
+    """(features, labels, indices) of this process's real examples, batch by batch, from one pass.
 
     Each batch ends at a preemption boundary: a SIGTERM or Ctrl-C stops the pass there
-    (`preemption.Preempted`, on every process at the same batch), and nothing is written.
+    (`preemption.Preempted`, on every process at the same batch).
     """
+    for batch in batches:
+        out = feature_step(params, batch_stats, mesh_lib.global_batch(batch, mesh))
+        features, label, index, mask = multihost_utils.global_array_to_host_local_array(out, mesh, P("data"))
+        keep = np.asarray(mask) > 0
+        yield np.asarray(features)[keep], np.asarray(label)[keep], np.asarray(index)[keep]
+        preemption.raise_if_reached()
+
+
+def compute(feature_step, params, batch_stats, batches, count: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of all `count` examples in memory, placed by each batch's "index": for a
+    single process, whose rows are all of them."""
     features = labels = None
     filled = 0
-    for batch in batches:
-        out, label, index, mask = jax.device_get(feature_step(params, batch_stats, mesh_lib.global_batch(batch, mesh)))
+    for out, label, index in local_rows(feature_step, params, batch_stats, batches, mesh):
         if features is None:
             features = np.zeros((count,) + out.shape[1:], out.dtype)
             labels = np.zeros((count,), np.int32)
-        keep = mask > 0
-        features[index[keep]] = out[keep]
-        labels[index[keep]] = label[keep]
-        filled += int(keep.sum())
-        preemption.raise_if_reached()
+        features[index], labels[index] = out, label
+        filled += len(index)
     if filled != count:
         raise FeatureCacheError(f"the feature pass saw {filled} examples, expected {count}")
     return features, labels
 
 
-def cached_features(workdir: Path, key: dict, build) -> tuple[np.ndarray, np.ndarray]:
-    """`build()`'s (features, labels), saved under `workdir/feature_cache`, reused when `key` matches.
+def cached_features(workdir: Path, key: dict, count: int, rows) -> tuple[CachedRows, np.ndarray]:
+    """The `count` feature rows and labels of a split, read from `workdir/feature_cache` when a cache
+    for `key` (its "split", and its "dtype", a key of `DTYPES`) is complete there, else first written
+    there from `rows()`: this process's batches of `local_rows`.
 
-    Only process 0 writes; the file is written whole beside its name, then
-    renamed, so a killed run never leaves a partial cache that a resumed run
-    would trust. The temporary file goes whenever the write fails or is
-    interrupted; one a SIGKILL left behind is removed by the next attempt.
+    Each process streams its own rows to its own shard file, so none holds more
+    than a batch of them. The shards are written in a folder beside the cache's
+    name, which process 0 renames to that name once every process has finished
+    its shard: a killed or failed run never leaves a folder that a resumed run
+    would trust. Partial files go whenever a write fails or is interrupted; a
+    folder a SIGKILL left behind is removed by the next attempt.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = workdir / "feature_cache" / f"{key['split']}-{digest}.npz"
-    if path.exists():
-        with np.load(path) as saved:
-            log.info("feature cache: loaded %s", path)
-            return saved["features"], saved["labels"]
-    tmp = path.with_name(path.name + ".tmp.npz")
-    is_writer = jax.process_index() == 0
-    if is_writer:
-        tmp.unlink(missing_ok=True)  # a killed run's partial file: free its space before the pass
-    features, labels = build()
-    if is_writer:
-        _write(path, tmp, features, labels)
-        log.info("feature cache: wrote %s (%.1f MiB)", path, features.nbytes / 2**20)
-    return features, labels
-
-
-def _write(path: Path, tmp: Path, features: np.ndarray, labels: np.ndarray) -> None:
+    directory = workdir / "feature_cache" / f"{key['split']}-{digest}"
+    if directory.exists():
+        log.info("feature cache: loaded %s", directory)
+        return read(directory, count)
+    tmp = directory.with_name(directory.name + ".tmp")
+    process, processes = jax.process_index(), jax.process_count()
+    shard = tmp / f"shard-{process:05d}-of-{processes:05d}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with preemption.scratch(tmp):
-            np.savez(tmp, features=features, labels=labels)
-            with preemption.uninterruptible():
-                tmp.rename(path)
+        if process == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed run's partial folder: free its space first
+            tmp.mkdir(parents=True)
+        _all_processes_reach("feature cache: folder made")
+        # Process 0 owns the folder; the others their own files, kept until the folder has its name.
+        with contextlib.ExitStack() as scratch:
+            for path in [tmp] if process == 0 else [shard.with_suffix(".features"), shard.with_suffix(".npz")]:
+                scratch.enter_context(preemption.scratch(path))
+            written = _write_shard(shard, rows(), -(-count // processes), key["dtype"])
+            _all_processes_reach("feature cache: shards written")
+            if process == 0:
+                with preemption.uninterruptible():
+                    tmp.rename(directory)
+            _all_processes_reach("feature cache: complete")
     except OSError as error:
-        mib = (features.nbytes + labels.nbytes) / 2**20
-        message = (f"could not write the feature cache {path} ({mib:.1f} MiB): "
-                   f"{error.strerror or error}; free space there (or fix the workdir) and rerun the same command")
+        message = (f"could not write the feature cache {directory}: {error.strerror or error}; "
+                   "free space there (or fix the workdir) and rerun the same command")
         raise FeatureCacheWriteError(*((error.errno, message) if error.errno else (message,))) from None
+    log.info("feature cache: wrote %s (%.1f MiB from this process)", directory, written / 2**20)
+    return read(directory, count)
+
+
+def _all_processes_reach(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_shard(shard: Path, batches, max_rows: int, dtype: str) -> int:
+    """Streams the rows of `batches` to `shard`.features as `dtype`, raw and in pass order, then
+    their positions and labels, the dtype and row shape to `shard`.npz; returns the rows' bytes.
+    Checks at the first batch that the disk has room for `max_rows`, to fail before filling it."""
+    positions, labels, row_shape, written = [], [], None, 0
+    fd = os.open(shard.with_suffix(".features"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for features, label, index in batches:
+            rows = np.ascontiguousarray(features, DTYPES[dtype])
+            if row_shape is None:
+                row_shape = rows.shape[1:]
+                _check_space(shard.parent, max_rows * math.prod(row_shape) * rows.itemsize)
+            view = memoryview(rows.reshape(-1).view(np.uint8))
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view):]
+            written += rows.nbytes
+            positions.append(index)
+            labels.append(label)
+        os.fsync(fd)  # on disk before the folder is renamed into the name that says complete
+    finally:
+        os.close(fd)
+    np.savez(shard.with_suffix(".npz"), index=np.concatenate(positions).astype(np.int64),
+             labels=np.concatenate(labels).astype(np.int32), dtype=np.str_(dtype), row_shape=np.asarray(row_shape))
+    return written
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: this process's shard needs {needed / 2**30:.2f} GiB, "
+                                    f"{free / 2**30:.2f} GiB is free")
+
+
+def read(directory: Path, count: int) -> tuple[CachedRows, np.ndarray]:
+    """A complete cache folder's `count` rows (read from disk as they are asked for) and labels."""
+    metas = sorted(directory.glob("shard-*.npz"))
+    positions, labels = [], []
+    for path in metas:
+        with np.load(path) as meta:
+            positions.append(meta["index"])
+            labels.append(meta["labels"])
+            dtype, row_shape = str(meta["dtype"]), tuple(int(n) for n in meta["row_shape"])
+    order = np.concatenate(positions) if metas else np.zeros(0, np.int64)
+    if not np.array_equal(np.sort(order), np.arange(count)):
+        raise FeatureCacheError(f"the feature cache {directory} does not hold each of the split's {count} examples "
+                                "once; delete it and rerun to compute it again")
+    shard_of, row_of, all_labels = np.empty(count, np.int32), np.empty(count, np.int64), np.empty(count, np.int32)
+    shard_of[order] = np.repeat(np.arange(len(metas), dtype=np.int32), [len(p) for p in positions])
+    row_of[order] = np.concatenate([np.arange(len(p)) for p in positions])
+    all_labels[order] = np.concatenate(labels)
+    files = [str(path.with_suffix(".features")) for path in metas]
+    return CachedRows(files, dtype, row_shape, shard_of, row_of), all_labels
+
+
+class CachedRows:
+    """Random access, by example position, to the rows of a cache folder, each read from its shard
+    file when asked for and returned as float32.
+
+    Reads go through the kernel's page cache, which it fills from free memory and
+    reclaims under pressure, not through this process's memory (a memory map would
+    count every page it touched as resident): a cache larger than memory trains.
+    """
+
+    def __init__(self, files: list[str], dtype: str, row_shape: tuple[int, ...], shard_of: np.ndarray,
+                 row_of: np.ndarray):
+        self._files, self._dtype, self._row_shape = files, DTYPES[dtype], row_shape
+        self._shard_of, self._row_of = shard_of, row_of
+        self._row_bytes = math.prod(row_shape) * np.dtype(self._dtype).itemsize
+        self._pid, self._fds = os.getpid(), {}
+
+    def __len__(self) -> int:
+        return len(self._shard_of)
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        shard = self._shard_of[position]
+        data = os.pread(self._fd(shard), self._row_bytes, int(self._row_of[position]) * self._row_bytes)
+        if len(data) != self._row_bytes:
+            raise FeatureCacheError(f"{self._files[shard]} ends early; delete its folder and rerun to compute "
+                                    "the cache again")
+        return np.frombuffer(data, self._dtype).reshape(self._row_shape).astype(np.float32, copy=False)
+
+    def _fd(self, shard: int) -> int:
+        """This process's descriptor of a shard file, opened once (a forked grain worker opens its own)."""
+        if self._pid != os.getpid():
+            self._pid, self._fds = os.getpid(), {}
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self._files[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def __getstate__(self) -> dict:  # descriptors do not cross processes
+        return {**self.__dict__, "_pid": None, "_fds": {}}
+
+    def __del__(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
 
 
 def inputs(cut: str, image_size: int):

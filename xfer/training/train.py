@@ -121,7 +121,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
         data = run_setup.data
         if run_setup.cut:
             try:
-                data = feature_cache.cached_data(data, steps.features, run_setup.cut, state, mesh, workdir)
+                data = feature_cache.cached_data(data, steps.features, run_setup.cut, state, mesh, workdir,
+                                                 config.feature_cache_dtype)
             except preemption.Preempted:  # a SIGTERM or Ctrl-C during the pass: every process stops here
                 log.info("preempted during the feature-cache pass; nothing to save, rerun to resume")
                 return None
@@ -258,8 +259,6 @@ def _compile(run_setup: Setup, mesh) -> Steps:
         lowered = feature_step.lower(state.params, state.batch_stats, pass_batch)
         device_bytes["the feature pass"] = memory.program_bytes(lowered.compile())
         features = lowered.out_info[0]  # the cut's output: the shape of the cache's rows
-        row_bytes = math.prod(features.shape[1:]) * features.dtype.itemsize
-        host_bytes += (data.num_train + data.num_eval) * row_bytes  # the cache, held in host memory
         images = jax.ShapeDtypeStruct(features.shape, features.dtype)
     device_bytes["the train step"] = memory.program_bytes(
         train_step.lower(state, placed({"image": images, "label": labels}, split)).compile())

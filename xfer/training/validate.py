@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from xfer.training import feature_cache
+
 NAN_POLICIES = ("stop", "skip")
 _MAX_SEED = 2**32 - 1  # jax.random.PRNGKey and grain's seeds are 32-bit
 
@@ -32,6 +34,9 @@ def check(config) -> None:
     _at_least("checkpoint.every", config.checkpoint.every, 1, "save every N steps")
     _at_least("checkpoint.keep_latest", config.checkpoint.keep_latest, 1, "a resume needs the newest")
     _at_least("checkpoint.keep_best", config.checkpoint.keep_best, 0, "0 keeps no best checkpoints")
+    if config.feature_cache_dtype not in feature_cache.DTYPES:
+        raise ValueError(f"config.feature_cache_dtype={config.feature_cache_dtype!r}; choose "
+                         f"{' or '.join(map(repr, feature_cache.DTYPES))}")
     if config.nan_policy not in NAN_POLICIES:
         raise ValueError(f"config.nan_policy={config.nan_policy!r}; choose 'stop' (end the run at a non-finite "
                          "loss, keeping the last good checkpoint) or 'skip' (leave such steps out)")
