@@ -18,7 +18,7 @@ from xfer.learning import optim
 
 def get_config(arg: str = ""):
     """`arg`: as configs/vgg16_cifar.py (`res=...`, default 224)."""
-    config = vgg16_cifar.get_config(arg)
+    config = vgg16_cifar.get_config(",".join(filter(None, ("recipe=tuned", arg))))
     config.model = ml_collections.ConfigDict({
         "name": "vit_b_16",
         "image_size": config.data.image_size,  # the patch grid, and so the position embeddings, follow it

@@ -54,7 +54,7 @@ with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_
 """
 VGG_ARGS = ("--config=configs/vgg16_cifar.py:res=32", "--config.init=scratch", "--config.model.name=vgg11",
             "--config.total_steps=4", "--config.eval_every=2", "--config.checkpoint.every=2",
-            "--config.batch_size=8", "--config.log_every=1")
+            "--config.batch_size=8", "--config.log_every=1", "--config.feature_cache=")  # images through every step
 # Lite0 on digits at 32 px: the quickest real config, for runs that must fail.
 QUICK_ARGS = ("--config=configs/quickstart.py", "--config.init=scratch", "--config.data.image_size=32",
               "--config.batch_size=16", "--config.total_steps=2")

@@ -8,11 +8,13 @@ can switch `source` from the command line without clearing the other source's fi
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import ml_collections
 
 from xfer.data.errors import DataError
+from xfer.data.transforms import INTERPOLATIONS
 
 SOURCES = ("tfds", "folder", "digits")
 AUGMENTATIONS = ("crop_flip", "none")
@@ -37,6 +39,13 @@ class DataSettings:
     # (and train images with augment="none") are the image's largest central square resized to it
     # (`transforms.central_crop`): nothing is cropped away, and a square image is simply resized.
     image_size: int | None = None
+    # The resize filter, PIL's: "bicubic", or "bilinear" as torchvision's `Resize` on PIL images.
+    interpolation: str = "bicubic"
+    # Per-channel normalisation of pixels scaled to [0, 1], `(x - mean) / std` (None: the model's
+    # ModelInfo mean/std, which its ImageNet weights were trained with; a recipe written for other
+    # constants, e.g. torch's `Normalize((0.5,)*3, (0.5,)*3)`, states its own).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     # "crop_flip": the central square resized to image_size * (1 + crop_margin), then a random
     # image_size crop, mirrored left-right half the time if `flip`. "none": exactly like eval.
     augment: str = "crop_flip"
@@ -82,14 +91,28 @@ class DataSettings:
         if self.image_size is not None and self.image_size < 1:
             raise DataError(f"config.data.image_size={self.image_size}; it must be positive, or None "
                             "for the model's input size")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(f"config.data.interpolation={self.interpolation!r}; choose one of "
+                            f"{', '.join(INTERPOLATIONS)}")
+        for name, values, low in (("mean", self.mean, -math.inf), ("std", self.std, 0)):
+            if values is not None and not _channels(values, low):
+                raise DataError(f"config.data.{name}={values!r}; it must be 3 finite numbers"
+                                f"{' > 0' if low == 0 else ''} (R, G, B), or None for the model's")
         if self.crop_margin < 0:
             raise DataError(f"config.data.crop_margin={self.crop_margin}; it must be >= 0")
         if self.num_threads < 0 or self.num_workers < 0:
             raise DataError("config.data.num_threads and num_workers must be >= 0")
 
 
+def _channels(values, low: float) -> bool:
+    """`values` is one finite number > `low` per RGB channel."""
+    return (isinstance(values, (tuple, list)) and len(values) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and low < v < math.inf
+                    for v in values))
+
+
 # The type of each field whose default is None: ml_collections overrides those through placeholders.
-_OPTIONAL_TYPES = {"str | None": str, "int | None": int}
+_OPTIONAL_TYPES = {"str | None": str, "int | None": int, "tuple[float, float, float] | None": tuple}
 
 
 def config_dict(**fields) -> ml_collections.ConfigDict:

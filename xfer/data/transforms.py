@@ -7,9 +7,11 @@ calls the same `central_crop` and `normalise`, so a ported model is checked with
 the scaling it is trained with.
 
 Resizing is PIL's (no TensorFlow at run time; it antialiases when shrinking photos), bicubic as in
-EfficientNet's ImageNet evaluation. Upscaling tiny images does not favour another filter:
-digits blown up from 8x8 to 224 px gave a linear probe on frozen ImageNet EfficientNet-Lite0
-features 0.964 test accuracy with bicubic and with bilinear (measured with commit e26be72).
+EfficientNet's ImageNet evaluation unless a config asks for bilinear (`INTERPOLATIONS`): torchvision's
+`Resize` on a PIL image is PIL's bilinear, so a PyTorch recipe can be reproduced pixel for pixel.
+Upscaling tiny images does not favour either filter: digits blown up from 8x8 to 224 px gave a
+linear probe on frozen ImageNet EfficientNet-Lite0 features 0.964 test accuracy with bicubic and
+with bilinear (measured with commit e26be72).
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ import numpy as np
 from PIL import Image
 
 Example = dict[str, Any]
-RESAMPLING = Image.Resampling.BICUBIC
+# config.data.interpolation -> PIL's filter.
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESAMPLING = INTERPOLATIONS["bicubic"]
 # ImageNet's standard evaluation crop: the central 87.5% of the shorter side (256 px resized, 224 kept).
 IMAGENET_EVAL_CROP = 0.875
 
 
-def central_crop(image: np.ndarray, size: int, fraction: float = 1.0) -> np.ndarray:
-    """The central square of `fraction` of `image`'s shorter side, resized to (size, size), bicubic.
+def central_crop(image: np.ndarray, size: int, fraction: float = 1.0,
+                 resample: Image.Resampling = RESAMPLING) -> np.ndarray:
+    """The central square of `fraction` of `image`'s shorter side, resized to (size, size) with
+    `resample` (bicubic unless given).
 
     `fraction` also selects one of two pixel conventions. They differ only in rounding, and each
     is the one its callers' figures were measured with (`check`'s printed probabilities, the
@@ -45,12 +51,12 @@ def central_crop(image: np.ndarray, size: int, fraction: float = 1.0) -> np.ndar
             return image
         side = min(height, width)
         top, left = (height - side) / 2, (width - side) / 2
-        resized = Image.fromarray(image).resize((size, size), RESAMPLING,
+        resized = Image.fromarray(image).resize((size, size), resample,
                                                 box=(left, top, left + side, top + side))
         return np.asarray(resized)
     scale = round(size / fraction) / min(height, width)
     resized_h, resized_w = round(height * scale), round(width * scale)
-    resized = np.asarray(Image.fromarray(image).resize((resized_w, resized_h), RESAMPLING))
+    resized = np.asarray(Image.fromarray(image).resize((resized_w, resized_h), resample))
     top, left = (resized_h - size) // 2, (resized_w - size) // 2
     return resized[top:top + size, left:left + size]
 
@@ -73,24 +79,25 @@ def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 class Prepare(grain.transforms.Map):
     """Eval-time preparation (and train-time with augment="none"): the central square at `size`."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, resample: Image.Resampling):
+        self.size, self.resample = size, resample
 
     def map(self, example: Example) -> Example:
-        return {"image": central_crop(example["image"], self.size), "label": example["label"]}
+        return {"image": central_crop(example["image"], self.size, resample=self.resample), "label": example["label"]}
 
 
 class CropFlip(grain.transforms.RandomMap):
     """Train-time augmentation: a random `size` crop of the central square at size*(1+margin), mirrored
     left-right with probability 1/2 if `flip`. The rng is grain's, seeded per (seed, position)."""
 
-    def __init__(self, size: int, margin: float, flip: bool):
+    def __init__(self, size: int, margin: float, flip: bool, resample: Image.Resampling):
         self.size = size
         self.enlarged = round(size * (1 + margin))
         self.flip = flip
+        self.resample = resample
 
     def random_map(self, example: Example, rng: np.random.Generator) -> Example:
-        image = central_crop(example["image"], self.enlarged)
+        image = central_crop(example["image"], self.enlarged, resample=self.resample)
         top, left = rng.integers(0, self.enlarged - self.size + 1, size=2)
         image = image[top:top + self.size, left:left + self.size]
         if self.flip and rng.random() < 0.5:
