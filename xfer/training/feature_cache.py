@@ -246,6 +246,12 @@ def cached_features(workdir: Path, key: dict, count: int, rows) -> tuple[CachedR
     its shard: a killed or failed run never leaves a folder that a resumed run
     would trust. Partial files go whenever a write fails or is interrupted; a
     folder a SIGKILL left behind is removed by the next attempt.
+
+    With several processes each removes only its own files: the forward pass has
+    no collective, so process 0 can reach the stopping batch while another has
+    not yet opened its shard, and removing the folder then made that process fail
+    (seen on a loaded 2-core CI run). After a stop, which every process makes at
+    the same batch, process 0 removes the emptied folder once all have left it.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     directory = workdir / "feature_cache" / f"{key['split']}-{digest}"
@@ -260,9 +266,10 @@ def cached_features(workdir: Path, key: dict, count: int, rows) -> tuple[CachedR
             shutil.rmtree(tmp, ignore_errors=True)  # a killed run's partial folder: free its space first
             tmp.mkdir(parents=True)
         _all_processes_reach("feature cache: folder made")
-        # Process 0 owns the folder; the others their own files, kept until the folder has its name.
+        # Each process owns its files, kept until the folder has its name; a lone process the folder.
+        own = [tmp] if processes == 1 else [shard.with_suffix(".features"), shard.with_suffix(".npz")]
         with contextlib.ExitStack() as scratch:
-            for path in [tmp] if process == 0 else [shard.with_suffix(".features"), shard.with_suffix(".npz")]:
+            for path in own:
                 scratch.enter_context(preemption.scratch(path))
             written = _write_shard(shard, rows(), -(-count // processes), key["dtype"])
             _all_processes_reach("feature cache: shards written")
@@ -270,6 +277,12 @@ def cached_features(workdir: Path, key: dict, count: int, rows) -> tuple[CachedR
                 with preemption.uninterruptible():
                     tmp.rename(directory)
             _all_processes_reach("feature cache: complete")
+    except preemption.Preempted:
+        if processes > 1:
+            _all_processes_reach("feature cache: stopped")
+            if process == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as error:
         message = (f"could not write the feature cache {directory}: {error.strerror or error}; "
                    "free space there (or fix the workdir) and rerun the same command")
