@@ -84,6 +84,19 @@ def test_every_process_of_a_job_stops_when_process_zero_is_refused(tmp_path):
         assert not (tmp_path / workdir_lib.LOCK_FILE).exists()  # only process 0 writes the lock
 
 
+def test_a_check_while_process_zero_claims_sees_no_foreign_run(tmp_path):
+    """Every process of a job checks the workdir again once it is locked, while process 0 may be
+    writing config.json (a 2-process run once failed there, seeing only its temporary file)."""
+    (tmp_path / workdir_lib.LOCK_FILE).touch()
+    (tmp_path / workdir_lib.CLAIMING_FILE).write_text("{")
+    assert workdir_lib.check(tmp_path, {"seed": 0}) is False
+    (tmp_path / "other").touch()
+    with pytest.raises(workdir_lib.WorkdirError, match="not empty and holds no xfer run"):
+        workdir_lib.check(tmp_path, {"seed": 0})
+    workdir_lib.claim(tmp_path, {"seed": 0})
+    assert workdir_lib.saved_config(tmp_path) == {"seed": 0} and not (tmp_path / workdir_lib.CLAIMING_FILE).exists()
+
+
 def test_damaged_config_json_names_the_file_and_the_checkpoint_copy(tmp_path):
     (tmp_path / workdir_lib.CONFIG_FILE).write_text('{"a\x01')
     with pytest.raises(workdir_lib.WorkdirError, match=r"config.json is damaged \(Invalid control character.*\); "

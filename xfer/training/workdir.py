@@ -32,6 +32,7 @@ from typing import Iterator
 log = logging.getLogger("xfer")
 
 CONFIG_FILE = "config.json"
+CLAIMING_FILE = CONFIG_FILE + ".tmp"  # `claim` writes it, then renames it to CONFIG_FILE
 LOCK_FILE = ".lock"
 
 
@@ -64,7 +65,9 @@ def check(workdir: Path, config_json: dict) -> bool:
                 f"workdir {workdir} holds a run of a different config (differs in: {', '.join(changed)}); "
                 "pass a new --workdir, or the same config to resume that run")
         return True
-    if workdir.is_dir() and any(path.name != LOCK_FILE for path in workdir.iterdir()):
+    # The lock and `claim`'s temporary file change nothing: another process of the job may check
+    # while process 0 claims.
+    if workdir.is_dir() and any(path.name not in (LOCK_FILE, CLAIMING_FILE) for path in workdir.iterdir()):
         raise WorkdirError(f"workdir {workdir} is not empty and holds no xfer run ({CONFIG_FILE} missing); "
                            "pass a new or empty --workdir")
     return False
@@ -107,7 +110,7 @@ def claim(workdir: Path, config_json: dict) -> None:
     if (workdir / CONFIG_FILE).exists():
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / (CONFIG_FILE + ".tmp")
+    tmp = workdir / CLAIMING_FILE
     tmp.write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, workdir / CONFIG_FILE)
 
