@@ -14,6 +14,7 @@ is (xfer.training.xla_flags), and logged.
 """
 
 import logging
+import os
 import sys
 
 from xfer.scaling import preemption  # JAX-free: a Ctrl-C during the slow imports below is one line, no traceback
@@ -66,6 +67,11 @@ def main(argv):
             sys.exit(preemption.exit_code())
     except cli.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        if jax.distributed.is_initialized():
+            # At once: the others may wait for this process in a collective, and JAX's exit
+            # handler would wait up to 5 minutes for them; their launcher stops them when we exit.
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
 
 

@@ -163,6 +163,34 @@ def test_launcher_prefixes_ranks_and_stops_everyone_when_one_process_fails():
     assert "process 1 exited with 3" in result.stderr
 
 
+# launch.py, in which rank 1 meets a user error once it joined the job (where a workdir error would).
+FAILING_AFTER_JOINING = """\
+import os, runpy, sys
+from xfer.scaling import preemption
+from xfer.training.workdir import WorkdirError
+listen = preemption.listen
+def listen_or_fail():
+    if os.environ["XFER_PROCESS_ID"] == "1":
+        raise WorkdirError("a user error on process 1 alone")
+    listen()
+preemption.listen = listen_or_fail
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_user_error_on_one_process_ends_the_job_at_once(tmp_path):
+    """The failing process exits without JAX's exit handler, which waits up to 5 minutes for the
+    others (blocked in a collective, waiting for it); the launcher then stops them. Here the job
+    ends 8 s after it started; through JAX's exit handler, 57 s to over 90 s (the timeout below)."""
+    result = subprocess.run([sys.executable, "-m", "xfer.scaling.multiprocess", "-n", "2", "--devices_per_process",
+                             "1", "--", "-c", FAILING_AFTER_JOINING, "launch.py", *ARGS, f"--workdir={tmp_path / 'run'}"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=45)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "[1] error: a user error on process 1 alone" in result.stderr
+    assert "process 1 exited with 2" in result.stderr
+
+
 def test_joining_needs_the_coordinator_and_process_id_unless_a_cluster_says_them(monkeypatch):
     monkeypatch.setattr(distributed, "_detected_cluster", lambda: None)
     for name in (distributed.COORDINATOR_ENV, distributed.NUM_PROCESSES_ENV, distributed.PROCESS_ID_ENV):
