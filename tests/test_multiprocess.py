@@ -183,8 +183,9 @@ def test_a_user_error_on_one_process_ends_the_job_at_once(tmp_path):
     """The failing process exits without JAX's exit handler, which waits up to 5 minutes for the
     others (blocked in a collective, waiting for it); the launcher then stops them. Here the job
     ends 8 s after it started; through JAX's exit handler, 57 s to over 90 s (the timeout below)."""
-    result = subprocess.run([sys.executable, "-m", "xfer.scaling.multiprocess", "-n", "2", "--devices_per_process",
-                             "1", "--", "-c", FAILING_AFTER_JOINING, "launch.py", *ARGS, f"--workdir={tmp_path / 'run'}"],
+    launcher = [sys.executable, "-m", "xfer.scaling.multiprocess", "-n", "2", "--devices_per_process", "1", "--"]
+    workdir = tmp_path / "run"
+    result = subprocess.run([*launcher, "-c", FAILING_AFTER_JOINING, "launch.py", *ARGS, f"--workdir={workdir}"],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=45)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "[1] error: a user error on process 1 alone" in result.stderr
