@@ -78,9 +78,16 @@ def get_config(arg: str = ""):
     config.num_epochs = 0
     config.total_steps = 60  # 1.3 epochs of digits: enough to rank the masks, not to finish training
     config.seed = 0
+    # The loss (xfer/learning/loss.py). Label smoothing s in [0, 1): the target is (1 - s) onehot + s / classes.
+    config.label_smoothing = 0.0  # 0 is off; 0.1 is usual
+    # Class weights: "" none, "balanced" (n / (classes * count) over the training labels) or one per class.
+    config.class_weights = ""
     # A step with a non-finite loss or gradient changes nothing; "stop" ends the run there (the last
     # good checkpoint kept), "skip" leaves such steps out and counts them.
     config.nan_policy = "stop"
+    # WiSE-FT after training (xfer/training/wise_ft.py): eval of (1-a)*initial + a*final weights for each a.
+    config.wise_ft_alphas = ()  # e.g. (0.0, 0.25, 0.5, 0.75, 1.0); () is off
+    config.wise_ft_head = "final"  # a new head keeps its trained value at every a; "interpolate" mixes it too
     config.log_every = 20
     config.eval_every = 60
     config.checkpoint = ml_collections.ConfigDict({"every": 60, "keep_latest": 1, "keep_best": 1})

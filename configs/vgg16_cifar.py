@@ -77,6 +77,8 @@ def get_config(arg: str = ""):
         mean=(0.5, 0.5, 0.5),  # Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)): pixels to [-1, 1]
         std=(0.5, 0.5, 0.5),
         augment="none",
+        mixup_alpha=0.0,  # no mixup or cutmix (0: off)
+        cutmix_alpha=0.0,
     )
     # torch: `for p in model.features.parameters(): p.requires_grad = False`.
     config.partition = (("^features/", "frozen"), ("^classifier/", "classifier"))
@@ -98,9 +100,16 @@ def get_config(arg: str = ""):
     config.num_epochs = 10
     config.total_steps = 0  # > 0 overrides num_epochs
     config.seed = 0
+    # The loss (xfer/learning/loss.py). Label smoothing s in [0, 1): the target is (1 - s) onehot + s / classes.
+    config.label_smoothing = 0.0  # 0 is off; 0.1 is usual
+    # Class weights: "" none, "balanced" (n / (classes * count) over the training labels) or one per class.
+    config.class_weights = ""
     # A step with a non-finite loss or gradient changes nothing; "stop" ends the run there (the last
     # good checkpoint kept), "skip" leaves such steps out and counts them.
     config.nan_policy = "stop"
+    # WiSE-FT after training (xfer/training/wise_ft.py): eval of (1-a)*initial + a*final weights for each a.
+    config.wise_ft_alphas = ()  # e.g. (0.0, 0.25, 0.5, 0.75, 1.0); () is off
+    config.wise_ft_head = "final"  # a new head keeps its trained value at every a; "interpolate" mixes it too
     config.log_every = 2000
     # The tutorial tests once, after training; the last step always evaluates, and 125,000 steps
     # (10 epochs of 12,500) is that step.

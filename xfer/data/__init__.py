@@ -50,7 +50,11 @@ class Data:
     num_eval: int  # likewise for the eval split
     image_size: int  # batches hold (batch_size, image_size, image_size, 3) images
     batch_size: int  # this process's batch size
-    augment: str  # the train split's augmentation, "crop_flip" or "none"
+    # What changes the training images: "crop_flip" or "none" (config.data.augment), then "+mixup" and/or
+    # "+cutmix" where the train step mixes them; anything but "none" rules out a feature cache.
+    augment: str
+    mixup_alpha: float  # the train step's mixing (config.data; xfer.learning.loss), 0 = off
+    cutmix_alpha: float
     _splits: sources.Splits = dataclasses.field(repr=False)
     _prepare: grain.transforms.Map = dataclasses.field(repr=False)
     _normalise: grain.transforms.Map = dataclasses.field(repr=False)
@@ -60,6 +64,12 @@ class Data:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def train_labels(self) -> np.ndarray:
+        """The label of every training example, in stored order, without decoding an image: what
+        class weights are counted from (`xfer.learning.loss`). Folders, digits and cached features
+        hold them already; tfds reads its records with the image left encoded."""
+        return np.asarray(self._splits.train.labels, np.int64)
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         """A fresh pass over the eval split; weigh each example by batch["mask"]."""
@@ -78,7 +88,7 @@ class Data:
         splits = sources.Splits(train=FeatureRecords(*train), eval=FeatureRecords(*eval),
                                 class_names=self._splits.class_names)
         return _assemble(splits, Identity(), Identity(), LabelsToInt32(), self.image_size, self.batch_size,
-                         "none", self._seed, self._shard)
+                         "none", (0.0, 0.0), self._seed, self._shard)
 
     def _pass(self, records) -> grain.IterDataset:
         return pipeline.eval_batches(records, self._prepare, self._normalise, batch_size=self.batch_size,
@@ -123,11 +133,13 @@ def build(config: Mapping[str, Any], model_info: ModelInfo, global_batch_size: i
                           model_info.std if settings.std is None else settings.std)
     shard = dict(process_index=process_index, process_count=process_count,
                  num_threads=settings.num_threads, num_workers=settings.num_workers)
-    return _assemble(splits, prepare, augment, normalise, image_size, batch_size, settings.augment, seed, shard)
+    mixing = (settings.mixup_alpha, settings.cutmix_alpha)
+    augment_name = "+".join([settings.augment] + [name for name, alpha in zip(("mixup", "cutmix"), mixing) if alpha])
+    return _assemble(splits, prepare, augment, normalise, image_size, batch_size, augment_name, mixing, seed, shard)
 
 
 def _assemble(splits, prepare, augment, normalise, image_size: int, batch_size: int, augment_name: str,
-              seed: int, shard: dict) -> Data:
+              mixing: tuple[float, float], seed: int, shard: dict) -> Data:
     return Data(
         train=pipeline.train_batches(splits.train, augment, normalise, batch_size=batch_size,
                                      seed=seed, **shard),
@@ -137,6 +149,8 @@ def _assemble(splits, prepare, augment, normalise, image_size: int, batch_size: 
         image_size=image_size,
         batch_size=batch_size,
         augment=augment_name,
+        mixup_alpha=mixing[0],
+        cutmix_alpha=mixing[1],
         _splits=splits,
         _prepare=prepare,
         _normalise=normalise,

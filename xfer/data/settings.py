@@ -54,6 +54,13 @@ class DataSettings:
     # crop_flip only: how much larger than image_size the image is before the random crop;
     # 0.125 shifts by up to 1/16 of the image each way, like CIFAR's 4-pixel pad on 32.
     crop_margin: float = 0.125
+    # Mixing, done on the device inside the train step (xfer.learning.loss): each batch is paired with
+    # itself reversed and mixed with lam ~ Beta(alpha, alpha), the targets mixed alike (timm's Mixup).
+    # mixup_alpha > 0 blends whole images; cutmix_alpha > 0 pastes a box of area 1 - lam; both > 0:
+    # each batch picks one, half the time each. 0 turns it off. Mixed images are augmented images:
+    # no feature cache.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
     # Threads per process preparing batches concurrently (PIL resizing releases the GIL).
     num_threads: int = 4
     # grain worker processes per process (0: threads only). The batches are the same either way, but
@@ -100,6 +107,11 @@ class DataSettings:
                                 f"{' > 0' if low == 0 else ''} (R, G, B), or None for the model's")
         if self.crop_margin < 0:
             raise DataError(f"config.data.crop_margin={self.crop_margin}; it must be >= 0")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            alpha = getattr(self, name)
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf:
+                raise DataError(f"config.data.{name}={alpha!r}; it must be a finite number >= 0 (0 turns it off, "
+                                "0.2 to 1 are usual)")
         if self.num_threads < 0 or self.num_workers < 0:
             raise DataError("config.data.num_threads and num_workers must be >= 0")
 

@@ -1,8 +1,9 @@
 """Where examples come from: tfds ArrayRecord files, a folder of images, or scikit-learn's digits.
 
 Each source gives a train and an eval split as random-access sequences (`len(split)`,
-`split[i]`) of `{"image": uint8 (H, W, 3), "label": int}` in a fixed order, plus the class
-names; shuffling, sharding and preprocessing are the pipeline's job. Random access is what lets
+`split[i]`) of `{"image": uint8 (H, W, 3), "label": int}` in a fixed order, with every label
+in that order as `split.labels` (read without decoding images), plus the class names;
+shuffling, sharding and preprocessing are the pipeline's job. Random access is what lets
 grain shuffle globally, shard by process and resume at an exact position.
 """
 
@@ -22,6 +23,7 @@ from xfer.data.settings import DataSettings
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # The digits split is the same in every run, so eval numbers are comparable across seeds.
 DIGITS_SPLIT_SEED = 0
+_LABEL_CHUNK = 4096  # tfds records read at once when only their labels are wanted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,18 @@ class _TfdsRecords:
         example = self.source[index]
         return {"image": to_rgb(np.asarray(example[self.image_key], np.uint8)),
                 "label": int(example[self.label_key])}
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every example's label, read with the image left encoded (tfds's `SkipDecoding`), in chunks."""
+        import tensorflow_datasets as tfds
+
+        skipping = dataclasses.replace(self.source, decoders={self.image_key: tfds.decode.SkipDecoding()})
+        labels = []
+        for start in range(0, len(skipping), _LABEL_CHUNK):
+            chunk = skipping.__getitems__(list(range(start, min(start + _LABEL_CHUNK, len(skipping)))))
+            labels += [int(example[self.label_key]) for example in chunk]
+        return np.asarray(labels, np.int64)
 
 
 def _tfds(name: str, train_split: str, eval_split: str, data_dir: str | None) -> Splits:

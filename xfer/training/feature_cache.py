@@ -157,9 +157,10 @@ def choose_cut(setting: str, augment: str, model, variable_shapes, image_size: i
     checked before any work; None for no cache."""
     if not setting:
         return None
-    if augment != "none":
-        raise FeatureCacheError(f"feature_cache={setting!r} needs un-augmented training images, but "
-                                f"config.data.augment={augment!r}; set config.data.augment='none' or feature_cache=''")
+    if augment != "none":  # `xfer.data.Data.augment`: crop/flip, or the train step's mixup/cutmix
+        raise FeatureCacheError(f"feature_cache={setting!r} needs un-augmented training images, but they are "
+                                f"augmented ({augment}); set feature_cache='' or config.data.augment='none' "
+                                "and config.data.mixup_alpha = cutmix_alpha = 0")
     cut = check_cut(setting, model, variable_shapes, image_size, plan)
     log.info("feature cache: training from the cached output of %s", cut)
     return cut

@@ -11,6 +11,11 @@ labels are static strings), so they are bitwise unchanged and XLA drops their
 gradient work. Each BatchNorm layer follows its `xfer.learning.norms` policy, and
 dropout inside frozen modules is off, so a frozen part learns nothing and
 computes at training what it computes at evaluation.
+
+What is minimised is `xfer.learning.loss`'s: plain cross-entropy unless the run
+smooths labels, weights classes or mixes images (`loss.mix`, on the device, from a
+key the step derives from the state's key and its number, so a resumed run mixes
+every step as the uninterrupted one did).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xfer.learning import optim, partition
+from xfer.learning.loss import Loss
 from xfer.learning.plan import FreezePlan
 from xfer.models import layers
 
 # batch -> (what the model is applied to, a context to apply it in)
 ModelInputs = Callable[[dict], tuple[jax.Array, ContextManager]]
+_MIX_STREAM = 0x6D6978  # folded into a step's key for the mixing draws: dropout keeps the step's key itself
 
 
 @flax.struct.dataclass
@@ -85,13 +92,15 @@ def training_modes(running_stats_layers: frozenset[str], frozen_modules: frozens
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: FreezePlan, mesh: Mesh,
-                    bn_cross_device: bool = True, inputs: ModelInputs = images) -> Callable:
+                    bn_cross_device: bool = True, inputs: ModelInputs = images, loss: Loss = Loss()) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated. metrics["finite"] is
     False for a step whose loss or gradients were not finite: it changed nothing but the step count.
 
     `plan` says what is frozen and how each BatchNorm layer normalises. Under
     jit the batch is one global array, so BatchNorm statistics are over the
-    global batch (cross-device) unless `bn_cross_device` is False.
+    global batch (cross-device) unless `bn_cross_device` is False. `loss`
+    (`xfer.learning.loss`) is plain cross-entropy unless given; mixing needs `inputs` to be the images.
+    metrics["accuracy"] compares the argmax with the batch's own labels, mixed or not.
     """
     labels, running_stats_layers = plan.labels, plan.running_stats_layers
     params_frozen = partition.frozen_mask(labels)
@@ -100,6 +109,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: Fr
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
+        targets = None
+        if loss.mixes:
+            mixed, targets = loss.mix(jax.random.fold_in(rng, _MIX_STREAM), batch["image"], batch["label"])
+            batch = {**batch, "image": mixed}
 
         def loss_fn(params):
             variables = {"params": params}
@@ -109,10 +122,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: Fr
             with training_modes(running_stats_layers, frozen_modules, bn_groups), context:
                 logits, updated = model.apply(variables, x, train=True,
                                               mutable=["batch_stats"], rngs={"dropout": rng})
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-            return loss, (logits, updated.get("batch_stats", {}))
+            value = loss(logits, batch["label"], targets)
+            return value, (logits, updated.get("batch_stats", {}))
 
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (value, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = _keep_frozen(optax.apply_updates(state.params, updates), state.params, params_frozen)
         grad_norm = optim.trainable_grad_norm(grads, labels)
@@ -120,11 +133,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: Fr
         # a diverged step never reaches a checkpoint; the host decides to stop or skip (config.nan_policy).
         # The select fuses into the update, and frozen leaves (n is o) are untouched: Lite0 fully fine-tuned
         # at 96 px, batch 32, Adam, 1538 vs 1512 ms a step without it (medians of 3 alternating runs, 2 CPUs).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, new_stats, opt_state),
                             (state.params, state.batch_stats, state.opt_state))
         metrics = {
-            "loss": loss,
+            "loss": value,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
             "grad_norm": grad_norm,
             "finite": finite,

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xfer import data as data_lib, models
 from xfer.learning import optim, partition
+from xfer.learning.loss import Loss
 from xfer.learning import plan as plan_lib
 from xfer.learning.plan import FreezePlan
 from xfer.scaling import distributed, preemption
@@ -44,6 +45,7 @@ from xfer.training import checkpoint, evaluate, feature_cache, memory, validate
 from xfer.training import mesh as mesh_lib
 from xfer.training import step as step_lib
 from xfer.training import workdir as workdir_lib
+from xfer.training import wise_ft
 from xfer.training.report import Chrono, Reporter
 from xfer.weights.initialise import initial_variables
 
@@ -67,6 +69,7 @@ class Setup:
     total_steps: int
     tx: optax.GradientTransformation
     init: str  # config.init, or the preset's override ("scratch")
+    loss: Loss  # what the step minimises: label smoothing, class weights, mixing (xfer.learning.loss)
 
 
 class Steps(NamedTuple):
@@ -92,7 +95,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     cut = feature_cache.choose_cut(config.feature_cache, data.augment, model, shapes, data.image_size, plan)
     total_steps = _total_steps(config, data.num_train)
     return Setup(config, data, model, shapes, plan, cut, total_steps, tx=plan.optimizer(total_steps),
-                 init=plan.init_override or config.init)
+                 init=plan.init_override or config.init, loss=Loss.from_config(config, data))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -151,6 +154,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
                    **{k: v for k, v in eval_metrics.items() if k != "per_class"},
                    # every attempt's, up to its last checkpoint; seconds_per_step is None before 2 steps ran
                    **chrono.totals(state, run_setup.total_steps)}
+        if config.wise_ft_alphas:  # the WiSE-FT curve from the initial to the final weights, recomputed on a resume
+            summary["wise_ft"] = wise_ft.curve(run_setup, steps.eval, state, data, reporter)
         reporter.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
     log.info("done: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return summary
@@ -238,7 +243,8 @@ def _compile(run_setup: Setup, mesh) -> Steps:
     checked against the memory this process has."""
     config, data, model, cut = run_setup.config, run_setup.data, run_setup.model, run_setup.cut
     inputs = feature_cache.inputs(cut, data.image_size) if cut else step_lib.images
-    train_step = step_lib.make_train_step(model, run_setup.tx, run_setup.plan, mesh, config.bn_cross_device, inputs)
+    train_step = step_lib.make_train_step(model, run_setup.tx, run_setup.plan, mesh, config.bn_cross_device, inputs,
+                                          run_setup.loss)
     eval_step = step_lib.make_eval_step(model, mesh, inputs)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 
-from xfer.training import feature_cache
+from xfer.learning import loss
+from xfer.training import feature_cache, wise_ft
 
 NAN_POLICIES = ("stop", "skip")
 _MAX_SEED = 2**32 - 1  # jax.random.PRNGKey and grain's seeds are 32-bit
@@ -40,6 +41,22 @@ def check(config) -> None:
     if config.nan_policy not in NAN_POLICIES:
         raise ValueError(f"config.nan_policy={config.nan_policy!r}; choose 'stop' (end the run at a non-finite "
                          "loss, keeping the last good checkpoint) or 'skip' (leave such steps out)")
+    smoothing = config.label_smoothing
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+        raise ValueError(f"config.label_smoothing={smoothing!r}; it must be a number in [0, 1) (0: off, 0.1 is usual)")
+    loss.parse_class_weights(config.class_weights)  # their count against the classes: once the data is read
+    _check_wise_ft(config.wise_ft_alphas, config.wise_ft_head)
+
+
+def _check_wise_ft(alphas, head) -> None:
+    """WiSE-FT's mixing weights (xfer.training.wise_ft): checked now, not after training has run."""
+    if not isinstance(alphas, (tuple, list)) or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1 for a in alphas):
+        raise ValueError(f"config.wise_ft_alphas={alphas!r}; it must be a tuple of numbers in [0, 1] "
+                         "(0: the initial weights, 1: the fine-tuned ones), e.g. (0.0, 0.5, 1.0), or () for none")
+    if head not in wise_ft.HEADS:
+        raise ValueError(f"config.wise_ft_head={head!r}; choose 'final' (the new head keeps its trained value "
+                         "at every alpha) or 'interpolate' (from its initial value)")
 
 
 def _at_least(field: str, value, minimum: int, meaning: str) -> None:
