@@ -131,7 +131,6 @@ def xfer_step(size: int, mode: str, images, labels, fields: dict, info: dict):
     (step, sync) and records its compile time, FLOPs and temporary memory in `info`."""
     from xfer import models
     from xfer.learning import optim, plan
-    from xfer.training import mesh as mesh_lib, step as step_lib
     from xfer.weights.initialise import initial_variables
 
     model = models.build("vgg16", num_classes=NUM_CLASSES, **fields)
@@ -139,6 +138,14 @@ def xfer_step(size: int, mode: str, images, labels, fields: dict, info: dict):
     rules = FROZEN_RULES if mode == "frozen" else FULL_RULES
     optim_config = {rules[-1][1]: optim.group_config(optimizer="sgd", lr=LR, momentum=MOMENTUM)}
     freeze = plan.build(rules, (), optim_config, "vgg16", variables)
+    return library_step(model, variables, freeze, images, labels, info)
+
+
+def library_step(model, variables, freeze, images, labels, info: dict):
+    """(step, sync) of `make_train_step` for `freeze` (an `xfer.learning.plan.FreezePlan`), compiled
+    and fed one fixed batch; records compile time, FLOPs and temporary memory in `info`."""
+    from xfer.training import mesh as mesh_lib, step as step_lib
+
     tx = freeze.optimizer(total_steps=1000)
     mesh = mesh_lib.data_mesh()
     state = mesh_lib.replicate(step_lib.create_state(variables, tx, seed=0), mesh)
@@ -188,17 +195,22 @@ def timed_window(step, sync, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def compare(sides: dict, steps: int, windows: int, warmup: int) -> dict:
-    """Alternates timed windows over `sides` ({name: (step, sync)}); images/s per window."""
+def alternate(sides: dict, steps: int, windows: int, warmup: int) -> dict:
+    """Alternates timed windows over `sides` ({name: (step, sync)}); seconds per step, per window."""
     for step, sync in sides.values():
         for _ in range(warmup):
             step()
         sync()
-    rates = {name: [] for name in sides}
+    seconds = {name: [] for name in sides}
     for _ in range(windows):
         for name, (step, sync) in sides.items():
-            rates[name].append(steps * BATCH / timed_window(step, sync, steps))
-    return rates
+            seconds[name].append(timed_window(step, sync, steps) / steps)
+    return seconds
+
+
+def compare(sides: dict, steps: int, windows: int, warmup: int) -> dict:
+    """`alternate`'s windows as images/s."""
+    return {name: [BATCH / s for s in values] for name, values in alternate(sides, steps, windows, warmup).items()}
 
 
 def summarise(rates: dict, reference: str) -> dict:

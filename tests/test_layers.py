@@ -1,6 +1,8 @@
 """The CPU lowerings (xfer.models.layers.use_cpu_lowerings) give lax's values and gradients, op by op
 and in whole models, with the same parameters."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from xfer import models
-from xfer.models import efficientnet_lite, layers, vgg
+from xfer.models import efficientnet_lite, layers, resnet, vgg
 
 # A VGG (torchvision's layer kinds, smaller widths) where every CPU lowering is in play: at 32 px
 # its last convs see 2x2 maps (im2col) and classifier/0 a 1x1 map (PooledDense's fold); at 50 px
@@ -17,10 +19,15 @@ SMALL_VGG = vgg.VGG((8, "M", 16, "M", 16, "M", 16, 16, "M", 16, 16, "M"), batch_
                     dropout_rate=0.0)
 # Lite0 at 40 px: depthwise convs at strides 1 and 2, with even and odd TF-"SAME" paddings (5 -> 3).
 LITE0 = efficientnet_lite.EfficientNetLite(num_classes=10, dropout_rate=0.0, drop_connect_rate=0.0)
+# A one-block-per-stage ResNet-50: 1x1 convs at strides 1 and 2 (downsample), the 3x3/2 stem pool and
+# BatchNorm everywhere; at 36 px the pool makes an odd map (18 -> 9), so the strided layers after it see odd
+# maps (9 -> 5 -> 3 -> 2), and layer4's 3x3 conv a 2x2 map (im2col).
+SMALL_RESNET = resnet.ResNet("bottleneck", (1, 1, 1, 1), num_classes=10)
 # In float64 the two ways' logits, running statistics and gradients differ by at most this much of
-# the largest magnitude of their kind. Measured: <= 1.8e-15 (VGG), <= 5.9e-14 (Lite0); 1e-11 leaves
-# a margin of 170x for other CPUs' rounding, and a wrong lowering is off by O(1) (the max-pool
-# gradient this test caught, vgg@50: 0.28 of the largest parameter gradient).
+# the largest magnitude of their kind. Measured: <= 1.8e-15 (VGG), <= 8.3e-14 (Lite0), <= 9.4e-15
+# (ResNet), <= 4.6e-16 (BatchNorm alone); 1e-11 leaves a margin of 120x for other CPUs' rounding, and a
+# wrong lowering is off by O(1) (the max-pool gradient this test caught, vgg@50: 0.28 of the largest
+# parameter gradient).
 LOWERINGS_RTOL = 1e-11
 
 
@@ -79,6 +86,46 @@ def test_depthwise_conv_is_lax_conv_forward_and_backward(kernel, stride, hw):
     _assert_conv_matches_lax(x, w, (stride, stride), "SAME", feature_group_count=6)
 
 
+@pytest.mark.parametrize("hw,stride,padding",
+                         [(6, 1, "SAME"), (7, 2, "SAME"), (7, 2, ((0, 0), (0, 0))), (5, 1, "VALID")])
+def test_pointwise_conv_is_lax_conv_forward_and_backward(hw, stride, padding):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((3, hw, hw, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, 1, 5, 4)), jnp.float32)
+    _assert_conv_matches_lax(x, w, (stride, stride), padding, feature_group_count=1)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batch_norm_train_is_autodiffs_batch_norm_forward_and_backward(groups):
+    """Values and gradients of (y, mean, var), with a cotangent for each (the running averages'
+    mean and var have none in training, but the closed-form gradient must not assume it)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        x, scale, bias = (jnp.asarray(rng.standard_normal(shape)) for shape in ((groups, 40, 6), (6,), (6,)))
+        cotangents = tuple(jnp.asarray(rng.standard_normal(shape))
+                           for shape in ((groups, 40, 6), (groups, 6), (groups, 6)))
+        results = []
+        for normalise in (layers.batch_norm_train, layers._batch_norm_train_lax):
+            outputs, vjp = jax.vjp(lambda x, scale, bias: normalise(x, scale, bias, 1e-3), x, scale, bias)
+            results.append((outputs, vjp(cotangents)))
+    for got, want in zip(*(jax.tree.leaves(result) for result in results)):
+        np.testing.assert_allclose(got, want, rtol=LOWERINGS_RTOL, atol=LOWERINGS_RTOL * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (2, 5, 6, 2)])  # even and odd maps
+def test_overlapping_max_pool_gradient_is_lax_gradient_ties_included(shape):
+    """ResNet's 3x3/2 pool, padded by 1. Values from {0, 1, 2} put ties in most windows; integer
+    upstream gradients make the sums where windows overlap exact, so both ways agree exactly."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.integers(0, 3, shape), jnp.float32)
+    pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    upstream = jnp.asarray(rng.integers(-50, 50, pool(x).shape), jnp.float32)
+    lowered = functools.partial(layers.max_pool, window=3, stride=2, padding=1, cpu_lowerings=True)
+
+    np.testing.assert_array_equal(lowered(x), pool(x))
+    np.testing.assert_array_equal(jax.vjp(lowered, x)[1](upstream)[0], jax.vjp(pool, x)[1](upstream)[0])
+
+
 def _assert_conv_matches_lax(x, w, strides, padding, feature_group_count):
     """layers.conv_general_dilated's output and its gradients for x and w equal lax's."""
     numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
@@ -107,7 +154,7 @@ def test_cpu_lowerings_default_to_the_cpu_backend_and_pick_the_conv():
     assert traced[None] == traced[on_cpu] != traced[not on_cpu]
 
 
-@pytest.mark.parametrize("name", ["vgg16", "vgg11_bn", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["vgg16", "vgg11_bn", "efficientnet_lite0", "resnet50"])
 def test_cpu_lowerings_keep_the_variables(name):
     """So one ported checkpoint loads into either; `build` passes the field on, as from a config."""
     shapes = [jax.eval_shape(models.build(name, cpu_lowerings=setting).init, jax.random.key(0),
@@ -116,8 +163,8 @@ def test_cpu_lowerings_keep_the_variables(name):
     assert jax.tree.leaves(shapes[0]) == jax.tree.leaves(shapes[1])
 
 
-@pytest.mark.parametrize("model, size", [(SMALL_VGG, 32), (SMALL_VGG, 50), (LITE0, 40)],
-                         ids=["vgg@32", "vgg@50", "lite0@40"])
+@pytest.mark.parametrize("model, size", [(SMALL_VGG, 32), (SMALL_VGG, 50), (LITE0, 40), (SMALL_RESNET, 36)],
+                         ids=["vgg@32", "vgg@50", "lite0@40", "resnet@36"])
 def test_models_compute_the_same_with_and_without_cpu_lowerings(model, size):
     """One jitted training forward and backward: logits, running statistics, gradients of the
     parameters and of the images, each kind compared at its largest magnitude (a conv bias before a

@@ -73,9 +73,9 @@ def block_configs() -> list[BlockConfig]:
     return configs
 
 
-def _batch_norm(x, train: bool, name: str):
+def _batch_norm(x, train: bool, name: str, cpu_lowerings: bool | None):
     # TF's BatchNorm(momentum=0.99, epsilon=1e-3), i.e. torch BatchNorm2d(momentum=0.01, eps=1e-3).
-    return batch_norm(x, train, name=name, momentum=0.99, epsilon=1e-3)
+    return batch_norm(x, train, name=name, momentum=0.99, epsilon=1e-3, cpu_lowerings=cpu_lowerings)
 
 
 class MBConvBlock(nn.Module):
@@ -87,18 +87,19 @@ class MBConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        cfg, inputs = self.config, x
+        cfg, inputs, conv = self.config, x, conv_lowering(self.cpu_lowerings)
         hidden = cfg.in_channels * cfg.expand_ratio
         if cfg.expand_ratio != 1:
-            x = nn.Conv(hidden, (1, 1), use_bias=False, kernel_init=conv_init, name="_expand_conv")(x)
-            x = nn.relu6(_batch_norm(x, train, "_bn0"))
+            x = nn.Conv(hidden, (1, 1), use_bias=False, kernel_init=conv_init, conv_general_dilated=conv,
+                        name="_expand_conv")(x)
+            x = nn.relu6(_batch_norm(x, train, "_bn0", self.cpu_lowerings))
         x = nn.Conv(hidden, (cfg.kernel_size,) * 2, strides=cfg.stride, padding="SAME",
                     feature_group_count=hidden, use_bias=False, kernel_init=conv_init,
-                    conv_general_dilated=conv_lowering(self.cpu_lowerings),  # CPU: shifted multiply-adds
-                    name="_depthwise_conv")(x)
-        x = nn.relu6(_batch_norm(x, train, "_bn1"))
-        x = nn.Conv(cfg.out_channels, (1, 1), use_bias=False, kernel_init=conv_init, name="_project_conv")(x)
-        x = _batch_norm(x, train, "_bn2")
+                    conv_general_dilated=conv, name="_depthwise_conv")(x)  # CPU: shifted multiply-adds
+        x = nn.relu6(_batch_norm(x, train, "_bn1", self.cpu_lowerings))
+        x = nn.Conv(cfg.out_channels, (1, 1), use_bias=False, kernel_init=conv_init, conv_general_dilated=conv,
+                    name="_project_conv")(x)
+        x = _batch_norm(x, train, "_bn2", self.cpu_lowerings)
         if cfg.stride == 1 and cfg.in_channels == cfg.out_channels:
             # Drop connect (stochastic depth): drop the whole residual branch per example.
             x = dropout(x, self.drop_connect_rate, train, broadcast_dims=(1, 2, 3))
@@ -128,17 +129,19 @@ class EfficientNetLite(nn.Module):
     num_classes: int = 1000
     dropout_rate: float = 0.2
     drop_connect_rate: float = 0.2
-    # XLA:CPU's faster depthwise convolutions (xfer.models.layers.use_cpu_lowerings); None: on the CPU backend.
+    # XLA:CPU's faster forms of a few ops (xfer.models.layers.use_cpu_lowerings); None: on the CPU backend.
     cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        conv = conv_lowering(self.cpu_lowerings)
         x = nn.Conv(STEM_CHANNELS, (3, 3), strides=2, padding="SAME", use_bias=False,
-                    kernel_init=conv_init, name="_conv_stem")(x)
-        x = nn.relu6(_batch_norm(x, train, "_bn0"))
+                    kernel_init=conv_init, conv_general_dilated=conv, name="_conv_stem")(x)
+        x = nn.relu6(_batch_norm(x, train, "_bn0", self.cpu_lowerings))
         x = Blocks(self.drop_connect_rate, self.cpu_lowerings, name="_blocks")(x, train)
-        x = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, kernel_init=conv_init, name="_conv_head")(x)
-        x = nn.relu6(_batch_norm(x, train, "_bn1"))
+        x = nn.Conv(HEAD_CHANNELS, (1, 1), use_bias=False, kernel_init=conv_init, conv_general_dilated=conv,
+                    name="_conv_head")(x)
+        x = nn.relu6(_batch_norm(x, train, "_bn1", self.cpu_lowerings))
         x = x.mean(axis=(1, 2))
         x = dropout(x, self.dropout_rate, train)
         return nn.Dense(self.num_classes, kernel_init=dense_init, name="_fc")(x)

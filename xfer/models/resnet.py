@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xfer.models.layers import batch_norm
+from xfer.models.layers import batch_norm, conv_lowering, max_pool
 from xfer.models.registry import (EIGEN_CONVOLUTIONS, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, TorchvisionFile,
                                   register, weight_map_in)
 
@@ -49,9 +49,15 @@ def _dense_bias_init(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _batch_norm(x, train: bool, name: str):
+def _conv(features: int, kernel: int, stride: int, cpu_lowerings: bool | None, name: str) -> nn.Conv:
+    """torchvision's bias-free conv (padding kernel // 2), lowered as `layers.conv_lowering` chooses."""
+    return nn.Conv(features, (kernel, kernel), strides=stride, padding=kernel // 2, use_bias=False,
+                   kernel_init=conv_init, conv_general_dilated=conv_lowering(cpu_lowerings), name=name)
+
+
+def _batch_norm(x, train: bool, name: str, cpu_lowerings: bool | None):
     # torch BatchNorm2d(momentum=0.1, eps=1e-5).
-    return batch_norm(x, train, name=name, momentum=0.9, epsilon=1e-5)
+    return batch_norm(x, train, name=name, momentum=0.9, epsilon=1e-5, cpu_lowerings=cpu_lowerings)
 
 
 class BlockSpec(NamedTuple):
@@ -66,17 +72,15 @@ class BasicBlock(nn.Module):
     expansion = 1
     convs = 2
     spec: BlockSpec
+    cpu_lowerings: bool | None = None  # xfer.models.layers.use_cpu_lowerings
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        spec, shortcut = self.spec, x
-        x = nn.Conv(spec.planes, (3, 3), strides=spec.stride, padding=1, use_bias=False,
-                    kernel_init=conv_init, name="conv1")(x)
-        x = nn.relu(_batch_norm(x, train, "bn1"))
-        x = nn.Conv(spec.planes, (3, 3), padding=1, use_bias=False, kernel_init=conv_init, name="conv2")(x)
-        x = _batch_norm(x, train, "bn2")
+        spec, shortcut, cpu = self.spec, x, self.cpu_lowerings
+        x = nn.relu(_batch_norm(_conv(spec.planes, 3, spec.stride, cpu, "conv1")(x), train, "bn1", cpu))
+        x = _batch_norm(_conv(spec.planes, 3, 1, cpu, "conv2")(x), train, "bn2", cpu)
         if spec.downsample:
-            shortcut = Downsample(spec.planes * self.expansion, spec.stride, name="downsample")(shortcut, train)
+            shortcut = Downsample(spec.planes * self.expansion, spec.stride, cpu, name="downsample")(shortcut, train)
         return nn.relu(x + shortcut)
 
 
@@ -86,20 +90,16 @@ class Bottleneck(nn.Module):
     expansion = 4
     convs = 3
     spec: BlockSpec
+    cpu_lowerings: bool | None = None  # xfer.models.layers.use_cpu_lowerings
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        spec, shortcut = self.spec, x
-        x = nn.Conv(spec.planes, (1, 1), use_bias=False, kernel_init=conv_init, name="conv1")(x)
-        x = nn.relu(_batch_norm(x, train, "bn1"))
-        x = nn.Conv(spec.planes, (3, 3), strides=spec.stride, padding=1, use_bias=False,
-                    kernel_init=conv_init, name="conv2")(x)
-        x = nn.relu(_batch_norm(x, train, "bn2"))
-        x = nn.Conv(spec.planes * self.expansion, (1, 1), use_bias=False, kernel_init=conv_init,
-                    name="conv3")(x)
-        x = _batch_norm(x, train, "bn3")
+        spec, shortcut, cpu = self.spec, x, self.cpu_lowerings
+        x = nn.relu(_batch_norm(_conv(spec.planes, 1, 1, cpu, "conv1")(x), train, "bn1", cpu))
+        x = nn.relu(_batch_norm(_conv(spec.planes, 3, spec.stride, cpu, "conv2")(x), train, "bn2", cpu))
+        x = _batch_norm(_conv(spec.planes * self.expansion, 1, 1, cpu, "conv3")(x), train, "bn3", cpu)
         if spec.downsample:
-            shortcut = Downsample(spec.planes * self.expansion, spec.stride, name="downsample")(shortcut, train)
+            shortcut = Downsample(spec.planes * self.expansion, spec.stride, cpu, name="downsample")(shortcut, train)
         return nn.relu(x + shortcut)
 
 
@@ -108,12 +108,12 @@ class Downsample(nn.Module):
 
     channels: int
     stride: int
+    cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False, kernel_init=conv_init,
-                    name="0")(x)
-        return _batch_norm(x, train, "1")
+        cpu = self.cpu_lowerings
+        return _batch_norm(_conv(self.channels, 1, self.stride, cpu, "0")(x), train, "1", cpu)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -149,11 +149,12 @@ class Stage(nn.Module):
 
     block: str
     specs: tuple[BlockSpec, ...]
+    cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         for index, spec in enumerate(self.specs):
-            x = BLOCKS[self.block](spec, name=str(index))(x, train)
+            x = BLOCKS[self.block](spec, self.cpu_lowerings, name=str(index))(x, train)
         return x
 
 
@@ -163,16 +164,17 @@ class ResNet(nn.Module):
     block: str  # a key of BLOCKS
     stage_sizes: Sequence[int]
     num_classes: int = 1000
+    # XLA:CPU's faster forms of a few ops (xfer.models.layers.use_cpu_lowerings); None: on the CPU backend.
+    cpu_lowerings: bool | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(STEM_CHANNELS, (7, 7), strides=2, padding=3, use_bias=False, kernel_init=conv_init,
-                    name="conv1")(x)
-        x = nn.relu(_batch_norm(x, train, "bn1"))
+        cpu = self.cpu_lowerings
+        x = nn.relu(_batch_norm(_conv(STEM_CHANNELS, 7, 2, cpu, "conv1")(x), train, "bn1", cpu))
         # torch pads max-pooling with -inf; so does Flax's max_pool (its reduce_window's init value).
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, 3, 2, 1, cpu)
         for index, specs in enumerate(stage_specs(self.block, self.stage_sizes), start=1):
-            x = Stage(self.block, specs, name=f"layer{index}")(x, train)
+            x = Stage(self.block, specs, cpu, name=f"layer{index}")(x, train)
         x = x.mean(axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + flatten: no flatten-order question
         return nn.Dense(self.num_classes, kernel_init=dense_init, bias_init=_dense_bias_init(x.shape[-1]),
                         name="fc")(x)

@@ -82,7 +82,7 @@ class Features(nn.Module):
                 if not self.batch_norm:
                     x = nn.relu(x)
             else:  # torch BatchNorm2d(momentum=0.1, eps=1e-5)
-                x = batch_norm(x, train, name=str(index), momentum=0.9, epsilon=1e-5)
+                x = batch_norm(x, train, name=str(index), momentum=0.9, epsilon=1e-5, cpu_lowerings=cpu)
                 x = nn.relu(x)
         return x
 
