@@ -7,7 +7,10 @@ the new head confuses, and whether top-1 hides a near miss (top-5).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+from xfer.training import mesh as mesh_lib
 
 
 class Accumulator:
@@ -48,3 +51,12 @@ class Accumulator:
         lines = ["true\\predicted," + ",".join(class_names)]
         lines += [f"{name}," + ",".join(map(str, row)) for name, row in zip(class_names, self.confusion)]
         return "\n".join(lines) + "\n"
+
+
+def one_pass(eval_step, state, data) -> "Accumulator":
+    """`eval_step` over the whole eval split of `data` (an `xfer.data.Data`), accumulated."""
+    mesh = mesh_lib.data_mesh()
+    accumulator = Accumulator(data.num_classes)
+    for batch in data.eval_batches():
+        accumulator.add(jax.device_get(eval_step(state, mesh_lib.global_batch(batch, mesh))))
+    return accumulator

@@ -278,10 +278,7 @@ def _compile(run_setup: Setup, mesh) -> Steps:
 
 def run_eval(eval_step, state, data, reporter: Reporter, step: int) -> dict:
     """One pass over the eval split; writes the confusion matrix and per-class metrics."""
-    mesh = mesh_lib.data_mesh()
-    accumulator = evaluate.Accumulator(data.num_classes)
-    for batch in data.eval_batches():
-        accumulator.add(jax.device_get(eval_step(state, mesh_lib.global_batch(batch, mesh))))
+    accumulator = evaluate.one_pass(eval_step, state, data)
     metrics = accumulator.metrics(list(data.class_names))
     reporter.write(step, metrics, "eval")
     reporter.write_file("confusion_matrix.csv", accumulator.confusion_csv(list(data.class_names)))

@@ -91,8 +91,8 @@ def curve(run_setup, eval_step, state, data, reporter) -> dict:
     rows = []
     for alpha in alphas:
         mixed = traverse_util.unflatten_dict(interpolate(initial, final, alpha, keep), sep="/")
-        metrics = _evaluate(eval_step, state.replace(params=mixed["params"], batch_stats=mixed.get("batch_stats", {})),
-                            data, mesh)
+        mixed_state = state.replace(params=mixed["params"], batch_stats=mixed.get("batch_stats", {}))
+        metrics = evaluate.one_pass(eval_step, mixed_state, data).metrics(list(data.class_names))
         rows.append({"alpha": alpha, **{k: metrics[k] for k in ROW if k in metrics}})
         log.info("WiSE-FT alpha=%g: %s", alpha, " ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()
                                                           if isinstance(v, float) and k != "alpha"))
@@ -150,13 +150,6 @@ def _mix(initial, final, alpha):
 @jax.jit
 def _changed(initial, final):
     return {path: jnp.any(initial[path] != final[path]) for path in final}
-
-
-def _evaluate(eval_step, state, data, mesh) -> dict:
-    accumulator = evaluate.Accumulator(data.num_classes)
-    for batch in data.eval_batches():
-        accumulator.add(jax.device_get(eval_step(state, mesh_lib.global_batch(batch, mesh))))
-    return accumulator.metrics(list(data.class_names))
 
 
 def _csv(rows: list[dict]) -> str:
