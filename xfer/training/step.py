@@ -21,6 +21,7 @@ every step as the uninterrupted one did).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, ContextManager
 
 import flax
@@ -40,6 +41,15 @@ ModelInputs = Callable[[dict], tuple[jax.Array, ContextManager]]
 _MIX_STREAM = 0x6D6978  # folded into a step's key for the mixing draws: dropout keeps the step's key itself
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The run-level knobs of the train step that are not the model, the plan or the loss."""
+
+    @classmethod
+    def from_config(cls, config) -> "StepOptions":
+        return cls()
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -49,7 +59,8 @@ class TrainState:
     rng: jax.Array  # raw uint32 key: dropout and stochastic depth fold in the step
 
 
-def create_state(variables, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def create_state(variables, tx: optax.GradientTransformation, seed: int,
+                 options: StepOptions = StepOptions()) -> TrainState:
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
@@ -92,7 +103,8 @@ def training_modes(running_stats_layers: frozenset[str], frozen_modules: frozens
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: FreezePlan, mesh: Mesh,
-                    bn_cross_device: bool = True, inputs: ModelInputs = images, loss: Loss = Loss()) -> Callable:
+                    bn_cross_device: bool = True, inputs: ModelInputs = images, loss: Loss = Loss(),
+                    options: StepOptions = StepOptions()) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated. metrics["finite"] is
     False for a step whose loss or gradients were not finite: it changed nothing but the step count.
 
@@ -149,7 +161,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: Fr
     return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, inputs: ModelInputs = images) -> Callable:
+def make_eval_step(model: nn.Module, mesh: Mesh, inputs: ModelInputs = images,
+                   options: StepOptions = StepOptions()) -> Callable:
     """`eval_step(state, batch) -> dict` of per-example prediction, top-5 hit, label and mask.
 
     Per-example outputs (not sums) so the host can build the confusion matrix;

@@ -70,6 +70,7 @@ class Setup:
     tx: optax.GradientTransformation
     init: str  # config.init, or the preset's override ("scratch")
     loss: Loss  # what the step minimises: label smoothing, class weights, mixing (xfer.learning.loss)
+    step_options: step_lib.StepOptions  # the step's run-level knobs (EMA, accumulation, compute dtype)
 
 
 class Steps(NamedTuple):
@@ -95,7 +96,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     cut = feature_cache.choose_cut(config.feature_cache, data.augment, model, shapes, data.image_size, plan)
     total_steps = _total_steps(config, data.num_train)
     return Setup(config, data, model, shapes, plan, cut, total_steps, tx=plan.optimizer(total_steps),
-                 init=plan.init_override or config.init, loss=Loss.from_config(config, data))
+                 init=plan.init_override or config.init, loss=Loss.from_config(config, data),
+                 step_options=step_lib.StepOptions.from_config(config))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -119,7 +121,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
             workdir_lib.claim(workdir, config_json)
         variables = initial_variables(run_setup.model, config.model.name, run_setup.init, run_setup.data.image_size,
                                       config.seed, config.head_zero_init)
-        state = mesh_lib.replicate(step_lib.create_state(variables, run_setup.tx, config.seed), mesh)
+        state = step_lib.create_state(variables, run_setup.tx, config.seed, run_setup.step_options)
+        state = mesh_lib.replicate(state, mesh)
         del variables
         data = run_setup.data
         if run_setup.cut:
@@ -244,15 +247,16 @@ def _compile(run_setup: Setup, mesh) -> Steps:
     config, data, model, cut = run_setup.config, run_setup.data, run_setup.model, run_setup.cut
     inputs = feature_cache.inputs(cut, data.image_size) if cut else step_lib.images
     train_step = step_lib.make_train_step(model, run_setup.tx, run_setup.plan, mesh, config.bn_cross_device, inputs,
-                                          run_setup.loss)
-    eval_step = step_lib.make_eval_step(model, mesh, inputs)
+                                          run_setup.loss, run_setup.step_options)
+    eval_step = step_lib.make_eval_step(model, mesh, inputs, run_setup.step_options)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     def placed(tree, sharding):
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding,
                                                            weak_type=s.weak_type), tree)
 
-    state = placed(jax.eval_shape(lambda v: step_lib.create_state(v, run_setup.tx, config.seed),
+    state = placed(jax.eval_shape(lambda v: step_lib.create_state(v, run_setup.tx, config.seed,
+                                                                        run_setup.step_options),
                                   run_setup.variable_shapes), replicated)
     batch = config.batch_size
     images = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), jnp.float32)
