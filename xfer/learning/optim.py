@@ -27,19 +27,34 @@ can be overridden from the command line under `lock_config`):
   schedule      'constant' | 'cosine' (to 0 at total_steps) | 'linear' (to 0 at total_steps).
   warmup_steps  linear warmup from 0 to `lr` before the schedule starts.
   clip_norm     clip this group's gradients to this global norm; 0 is off.
+  layer_decay   layer-wise learning-rate decay (BEiT, timm's `layer_decay`); 0 is off, else in (0, 1]:
+                a parameter in block i from the head learns at lr × layer_decay**i, by the
+                model's `ModelInfo.blocks` (the last block is i=1, the first i=len(blocks); the
+                head is i=0), so pretrained early layers move least. Needs a model with blocks.
+  lr_mults      ((regex, multiplier), ...) over parameter paths (`xfer.learning.partition`'s):
+                the first regex that `re.search`es a path multiplies its learning rate, on top
+                of layer_decay (big_vision's `lr_mults`). Each regex must match a parameter of
+                the group, each multiplier be finite and > 0; () is off.
+
+layer_decay and lr_mults scale each parameter's final update inside its group's transformation,
+so clip_norm, weight_decay (adamw's too, as in timm) and the optimizer state keep their per-group
+meaning. `xfer.learning.plan` resolves them per parameter (it knows the model's blocks) and hands
+`build` the result as `lr_scales`; a group that sets neither compiles to the plain transformation.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+import operator
+import re
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from xfer.learning.partition import FROZEN
+from xfer.learning.partition import FROZEN, closest_paths, path_str
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -51,6 +66,8 @@ DEFAULTS = {
     "schedule": "constant",
     "warmup_steps": 0,
     "clip_norm": 0.0,
+    "layer_decay": 0.0,
+    "lr_mults": (),
 }
 FIELDS = REQUIRED_FIELDS + tuple(DEFAULTS)
 
@@ -65,12 +82,47 @@ def group_config(**fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**DEFAULTS, **fields})
 
 
-def build(optim_config: Mapping, labels, total_steps: int) -> optax.GradientTransformation:
-    """`optax.partition` of one transformation per group in `labels`, `set_to_zero` for frozen."""
+def build(optim_config: Mapping, labels, total_steps: int, schedule_offsets: Mapping[str, int] | None = None, *,
+          lr_scales: Mapping[str, float] | None = None) -> optax.GradientTransformation:
+    """`optax.partition` of one transformation per group in `labels`, `set_to_zero` for frozen.
+
+    `schedule_offsets` {group: n} is for a group whose optimizer state comes from an earlier
+    training phase that made n updates: its learning-rate schedule restarts at this phase's start
+    (at update count c the rate is schedule(c - n)) and `total_steps` is this phase's length.
+    Constant rates keep no count and ignore it.
+    `lr_scales` {parameter path: multiplier} is `xfer.learning.plan.FreezePlan.lr_scales`, what
+    layer_decay and lr_mults mean for these labels; a path it leaves out keeps multiplier 1.
+    """
     specs = group_specs(optim_config, labels)
-    transforms = {group: _group_transform(group, spec, total_steps) for group, spec in specs.items()}
+    offsets = _schedule_offsets(schedule_offsets, specs)
+    scales = _scales_by_group(specs, labels, lr_scales)
+    transforms = {}
+    for group, spec in specs.items():
+        transform = _group_transform(group, spec, total_steps, offsets.get(group, 0))
+        transforms[group] = _scaled(transform, scales[group]) if group in scales else transform
     transforms[FROZEN] = optax.set_to_zero()
     return optax.partition(transforms, labels)
+
+
+def lr_multipliers(group: str, spec: Mapping[str, Any], paths: Sequence[str],
+                   depths: Sequence[int] | None) -> list[float]:
+    """Learning-rate multiplier of each of `group`'s parameter `paths`: layer_decay**depth × lr_mults' factor.
+
+    `spec` is a completed spec (`group_specs`); `depths[i]` is the block depth of `paths[i]`
+    (0: the head, 1: the last block), needed only when the spec sets layer_decay.
+    """
+    rules = _lr_mult_rules(group, spec)
+    for regex, _ in rules:
+        if not any(regex.search(path) for path in paths):
+            raise OptimConfigError(
+                f"config.optim.{group}.lr_mults regex {regex.pattern!r} matches no parameter of group {group!r}; "
+                f"closest paths: {', '.join(closest_paths(regex.pattern, list(paths)))}")
+    decay = spec["layer_decay"]
+    if decay and depths is None:
+        raise OptimConfigError(f"config.optim.{group}.layer_decay needs the block depth of every parameter; "
+                               "build the optimizer through xfer.learning.plan, which knows the model's blocks")
+    factors = [next((factor for regex, factor in rules if regex.search(path)), 1.0) for path in paths]
+    return [factor * decay ** depths[index] if decay else factor for index, factor in enumerate(factors)]
 
 
 def schedules(optim_config: Mapping, total_steps: int) -> dict[str, optax.Schedule]:
@@ -156,21 +208,114 @@ def _check_values(group: str, spec: Mapping[str, Any]) -> None:
     warmup = spec["warmup_steps"]
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise OptimConfigError(f"{where}.warmup_steps={warmup!r}; it must be a whole number >= 0")
+    decay = spec["layer_decay"]
+    if not (_is_number(decay) and 0 <= decay <= 1):
+        raise OptimConfigError(f"{where}.layer_decay={decay!r}; it must be 0 (off) or a number in (0, 1], "
+                               "e.g. 0.75: each block towards the input learns at 0.75x the next one's rate")
+    _lr_mult_rules(group, spec)
+
+
+def _lr_mult_rules(group: str, spec: Mapping[str, Any]) -> list[tuple[re.Pattern, float]]:
+    """The group's lr_mults, checked and compiled: [(regex, multiplier)] in priority order."""
+    where = f"config.optim.{group}.lr_mults"
+    rules = spec["lr_mults"]
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise OptimConfigError(f"{where}={rules!r}; write a tuple of (regex, multiplier) pairs, "
+                               "e.g. (('^features/', 0.1),)")
+    compiled = []
+    for index, rule in enumerate(rules):
+        if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise OptimConfigError(f"{where}[{index}]={rule!r} is not a (regex, multiplier) pair; "
+                                   "write e.g. ('^features/', 0.1)")
+        regex, factor = rule
+        _check_number(f"{where}[{index}]'s multiplier", factor, "label the parameters 'frozen' to train nothing",
+                      above=0.0)
+        try:
+            compiled.append((re.compile(regex), float(factor)))
+        except re.error as error:
+            raise OptimConfigError(
+                f"{where}[{index}] has an invalid regex {regex!r}: {error}; fix or escape it") from None
+    return compiled
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_number(field: str, value, hint: str, *, above: float | None = None, at_least: float | None = None,
                   below: float = math.inf) -> None:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (above is None or value > above) and (at_least is None or value >= at_least) and value < below)
+    ok = (_is_number(value) and (above is None or value > above) and (at_least is None or value >= at_least)
+          and value < below)
     if not ok:
         bounds = ([f"> {above:g}"] if above is not None else []) + (
             [f">= {at_least:g}"] if at_least is not None else []) + ([f"< {below:g}"] if below < math.inf else [])
         raise OptimConfigError(f"{field}={value!r}; it must be a finite number {' and '.join(bounds)} ({hint})")
 
 
-def _group_transform(group: str, spec: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
+def _schedule_offsets(schedule_offsets: Mapping[str, int] | None, specs: Mapping[str, Any]) -> dict[str, int]:
+    offsets = {}
+    for group, offset in (schedule_offsets or {}).items():
+        if group not in specs:
+            raise OptimConfigError(f"schedule_offsets names group {group!r}, which trains in no optimizer here "
+                                   f"(trained groups: {', '.join(specs)}); pass offsets of trained groups only")
+        offsets[group] = _whole_number(offset)
+        if offsets[group] is None or offsets[group] < 0:
+            raise OptimConfigError(f"schedule_offsets[{group!r}]={offset!r}; it must be a whole number >= 0 "
+                                   "(the updates the group's carried-over optimizer state has made)")
+    return offsets
+
+
+def _whole_number(value) -> int | None:
+    """`value` as an int when it is an integer (Python, NumPy, or a JAX scalar such as a state's count)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _scales_by_group(specs: Mapping[str, Any], labels, lr_scales: Mapping[str, float] | None) -> dict[str, list]:
+    """{group: multiplier of each of its leaves, in flatten order} for the groups with a multiplier != 1."""
+    if lr_scales is None:
+        scaled = [group for group, spec in specs.items() if spec["layer_decay"] or spec["lr_mults"]]
+        if scaled:
+            raise OptimConfigError(f"config.optim.{scaled[0]} sets layer_decay or lr_mults, which need the model: "
+                                   "build the optimizer with xfer.learning.plan.build(...).optimizer(total_steps)")
+        return {}
+    leaves = [(path_str(key_path), group) for key_path, group in jax.tree_util.tree_flatten_with_path(labels)[0]]
+    unknown = sorted(set(lr_scales) - {path for path, group in leaves if group != FROZEN})
+    if unknown:
+        raise OptimConfigError(f"lr_scales names {unknown[0]}, which is no trainable parameter of these labels; "
+                               "take lr_scales from the FreezePlan that made the labels")
+    groups = {group for path, group in leaves if path in lr_scales}
+    return {group: [lr_scales.get(path, 1.0) for path, label in leaves if label == group] for group in groups}
+
+
+def _scaled(transform: optax.GradientTransformation, scales: Sequence[float]) -> optax.GradientTransformation:
+    """`transform`, then each leaf's update times its constant: the state is `transform`'s, unchanged.
+
+    Inside `optax.partition` the other groups' leaves are `optax.MaskedNode`s, which flatten to
+    nothing, so the group's own leaves come in flatten order, the order of `scales`.
+    """
+    transform = optax.with_extra_args_support(transform)
+
+    def update(updates, state, params=None, **extra_args):
+        updates, state = transform.update(updates, state, params, **extra_args)
+        leaves, treedef = jax.tree.flatten(updates)
+        if len(leaves) != len(scales):
+            raise ValueError(f"{len(scales)} learning-rate multipliers for {len(leaves)} updates; "
+                             "build the optimizer from the labels of these params")
+        return jax.tree.unflatten(treedef, [leaf if scale == 1 else leaf * scale
+                                            for leaf, scale in zip(leaves, scales)]), state
+
+    return optax.GradientTransformationExtraArgs(transform.init, update)
+
+
+def _group_transform(group: str, spec: Mapping[str, Any], total_steps: int,
+                     schedule_offset: int = 0) -> optax.GradientTransformation:
     """clip -> [L2 weight decay] -> optimizer, all seeing only this group's gradients."""
-    learning_rate = _learning_rate(group, spec, total_steps)
+    learning_rate = _learning_rate(group, spec, total_steps, schedule_offset)
     steps = []
     if spec["clip_norm"]:
         steps.append(optax.clip_by_global_norm(spec["clip_norm"]))
@@ -185,8 +330,10 @@ def _group_transform(group: str, spec: Mapping[str, Any], total_steps: int) -> o
     return optax.chain(*steps)
 
 
-def _learning_rate(group: str, spec: Mapping[str, Any], total_steps: int) -> float | optax.Schedule:
-    """A plain float for a constant rate (so the optimizer keeps no step count), else a schedule."""
+def _learning_rate(group: str, spec: Mapping[str, Any], total_steps: int,
+                   schedule_offset: int = 0) -> float | optax.Schedule:
+    """A plain float for a constant rate (so the optimizer keeps no step count), else a schedule
+    of the update count, started `schedule_offset` updates late."""
     peak, warmup_steps = float(spec["lr"]), int(spec["warmup_steps"])
     if spec["schedule"] == "constant" and not warmup_steps:
         return peak
@@ -200,6 +347,6 @@ def _learning_rate(group: str, spec: Mapping[str, Any], total_steps: int) -> flo
         "cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps),
         "linear": lambda: optax.linear_schedule(peak, 0.0, decay_steps),
     }[spec["schedule"]]()
-    if not warmup_steps:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), main], [warmup_steps])
+    schedule = main if not warmup_steps else optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps), main], [warmup_steps])
+    return schedule if not schedule_offset else lambda count: schedule(count - schedule_offset)

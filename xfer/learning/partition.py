@@ -121,10 +121,10 @@ def _check_no_dead_rules(compiled, paths: list[str], winners: list[int | None]) 
                 f"{rule} wins no parameter: every path it matches (e.g. {matched[0][0]}) is taken by "
                 f"earlier rule(s) {taken_by}; move it before them or remove it")
         raise PartitionError(
-            f"{rule} matches no parameter; closest paths: {', '.join(_closest(regex.pattern, paths))}")
+            f"{rule} matches no parameter; closest paths: {', '.join(closest_paths(regex.pattern, paths))}")
 
 
-def _closest(pattern: str, paths: list[str]) -> list[str]:
+def closest_paths(pattern: str, paths: list[str]) -> list[str]:
     """Module prefixes and paths that look most like a regex, for error messages."""
     candidates = sorted({"/".join(path.split("/")[:depth]) + "/"
                          for path in paths for depth in range(1, path.count("/") + 1)} | set(paths))
@@ -177,7 +177,8 @@ def table(params, labels_tree, opt_state: Any = None) -> str:
     if outside_bytes:
         rows.append(("(outside partition)", 0, 0, outside_bytes))
     rows.append(("total", len(sizes), sum(sizes), sum(row[3] for row in rows)))
-    return _format_rows(("group", "tensors", "parameters", "opt-state bytes"), rows)
+    return format_rows(("group", "tensors", "parameters", "opt-state bytes"),
+                       [(row[0],) + tuple(f"{number:,}" for number in row[1:]) for row in rows], total=True)
 
 
 def _state_bytes_by_group(opt_state) -> tuple[dict[str, int], int]:
@@ -197,12 +198,15 @@ def _nbytes(leaf) -> int:
     return int(np.size(leaf)) * np.dtype(leaf.dtype).itemsize if hasattr(leaf, "dtype") else 0
 
 
-def _format_rows(header: tuple[str, ...], rows: list[tuple]) -> str:
-    cells = [header] + [(row[0],) + tuple(f"{number:,}" for number in row[1:]) for row in rows]
+def format_rows(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1, total: bool = False) -> str:
+    """Aligned text table of string cells: the first `left` columns flush left, the numbers after them
+    right; `total` rules off the last row."""
+    cells = [header, *rows]
     widths = [max(len(line[column]) for line in cells) for column in range(len(header))]
-    lines = ["  ".join([line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in
-                                                     zip(line[1:], widths[1:])]) for line in cells]
-    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    lines = ["  ".join(cell.ljust(width) if column < left else cell.rjust(width)
+                       for column, (cell, width) in enumerate(zip(line, widths))) for line in cells]
+    if total:
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 

@@ -89,7 +89,7 @@ def expand(preset: Preset, model_name: str, param_shapes) -> tuple:
     info = _preset_info(model_name)
     _check_k(preset, info)
     paths = [path_str(key_path) for key_path, _ in jax.tree_util.tree_flatten_with_path(param_shapes)[0]]
-    _check_blocks(info, paths)
+    block_indices(info, paths)
     head = re.compile(info.head)
     body_paths = [path for path in paths if not head.search(path)]
     backbone = _backbone_regex(preset, info, body_paths)
@@ -102,7 +102,7 @@ def expand(preset: Preset, model_name: str, param_shapes) -> tuple:
     if not all(any(re.search(regex, path) for regex, _ in rules) for path in paths):
         rules.append((".*", FROZEN))
     log.info("partition preset %r on %s: %s%s", _spelled(preset), model_name,
-             ", ".join(f"({_shortened(regex)!r}, {group!r})" for regex, group in rules),
+             ", ".join(f"({shortened(regex)!r}, {group!r})" for regex, group in rules),
              f"; init: {preset.init_override}" if preset.init_override else "")
     return tuple(rules)
 
@@ -140,15 +140,19 @@ def _check_k(preset: Preset, info: models.ModelInfo) -> None:
                              f"{len(info.blocks)} blocks (ModelInfo.blocks), so K must be in 1..{len(info.blocks)}")
 
 
-def _check_blocks(info: models.ModelInfo, paths: list[str]) -> None:
-    """The registry's head and blocks must take every parameter exactly once, or last_k counts wrong."""
-    regexes = [info.head, *info.blocks]
+def block_indices(info: models.ModelInfo, paths: list[str]) -> list[int]:
+    """Each path's index into (*info.blocks, info.head). The registry's head and blocks must take every
+    parameter exactly once, or last_k counts wrong and layer decay gives a parameter the wrong depth."""
+    regexes = [*info.blocks, info.head]
+    indices = []
     for path in paths:
-        matched = [regex for regex in regexes if re.search(regex, path)]
+        matched = [index for index, regex in enumerate(regexes) if re.search(regex, path)]
         if len(matched) != 1:
             raise PartitionError(f"{info.name}'s ModelInfo head and blocks match parameter {path} "
-                                 f"{len(matched)} times ({', '.join(matched) or 'no regex'}); "
+                                 f"{len(matched)} times ({', '.join(regexes[i] for i in matched) or 'no regex'}); "
                                  "each parameter must be in exactly one: fix xfer/models")
+        indices.append(matched[0])
+    return indices
 
 
 def _backbone_regex(preset: Preset, info: models.ModelInfo, body_paths: list[str]) -> str | None:
@@ -177,5 +181,5 @@ def _norm_layers(paths: list[str]) -> list[str]:
     return sorted(module for module, names in params_of.items() if names == _NORM_PARAMS)
 
 
-def _shortened(regex: str, limit: int = 80) -> str:
+def shortened(regex: str, limit: int = 80) -> str:
     return regex if len(regex) <= limit else f"{regex[:limit - 3]}..."
