@@ -36,15 +36,15 @@ def cached_eval_logits(config, workdirs: list[Path]) -> tuple[list[np.ndarray], 
     """Eval-split logits of each run's final variables on the eval features cached by the first run
     (`config` with its feature cache on), and the labels: what the runs' evaluations computed, up
     to rounding."""
-    plan = train.setup(config)
-    rows, labels = feature_cache.read(next((workdirs[0] / "feature_cache").glob("eval-*")), plan.data.num_eval)
+    run_setup = train.setup(config)
+    rows, labels = feature_cache.read(next((workdirs[0] / "feature_cache").glob("eval-*")), run_setup.data.num_eval)
     features = np.stack([rows[i] for i in range(len(rows))])
 
     @jax.jit
     def logits(variables):
-        images = jnp.zeros((features.shape[0], plan.data.image_size, plan.data.image_size, 3), jnp.float32)
-        with feature_cache.substituted(plan.cut, features):
-            return plan.model.apply(variables, images, train=False)
+        images = jnp.zeros((features.shape[0], run_setup.data.image_size, run_setup.data.image_size, 3), jnp.float32)
+        with feature_cache.substituted(run_setup.cuts[0], features):
+            return run_setup.model.apply(variables, images, train=False)
 
     return [np.asarray(logits(checkpoint.read_variables(w / "checkpoints"))) for w in workdirs], labels
 

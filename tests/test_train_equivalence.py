@@ -55,6 +55,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -117,15 +118,16 @@ class Run:
     returncode: int
 
 
-def launch(workdir: Path, *overrides: str, devices: int = 1, kill_after_save: int | None = None) -> Run:
-    """`launch.py` with CONFIG + `overrides` in a fresh process on `devices` CPU devices."""
+def launch(workdir: Path, *overrides: str, devices: int = 1, kill_after_save: int | None = None,
+           config: Sequence[str] = CONFIG) -> Run:
+    """`launch.py` with `config` + `overrides` in a fresh process on `devices` CPU devices."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_compilation_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     prefix = [sys.executable] if kill_after_save is None else [sys.executable, "-c", KILLER, str(kill_after_save)]
-    command = [*prefix, "launch.py", *CONFIG, *overrides, f"--workdir={workdir}"]
+    command = [*prefix, "launch.py", *config, *overrides, f"--workdir={workdir}"]
     start, cpu_start = time.perf_counter(), _children_cpu_seconds()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     killed = "" if kill_after_save is None else f", killed after step {kill_after_save}"

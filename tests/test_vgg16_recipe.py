@@ -130,8 +130,8 @@ def cached_and_uncached(tmp_path_factory, mock_cifar):
 
 def test_the_tutorial_caches_vggs_features(mock_cifar):
     run = train.setup(_tutorial())
-    assert run.cut == "features"
-    assert run.plan.trainable_parameters == (512 * 7 * 7 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 10 + 10)
+    assert run.cuts == ("features",)
+    assert run.trainable_parameters == (512 * 7 * 7 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 10 + 10)
 
 
 def test_dropout_masks_are_the_same_with_and_without_the_cache(mock_cifar):
@@ -142,13 +142,13 @@ def test_dropout_masks_are_the_same_with_and_without_the_cache(mock_cifar):
     images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
     batch = {"image": images, "label": jnp.zeros(4, jnp.int32), "index": jnp.zeros(4, jnp.int32),
              "mask": jnp.ones(4)}
-    features = feature_cache.make_feature_step(run.model, run.cut, mesh_lib.data_mesh())(
+    features = feature_cache.make_feature_step(run.model, run.cuts[0], mesh_lib.data_mesh())(
         variables["params"], {}, batch)[0]
 
     def logits(rng, cached: bool):
         if not cached:
             return run.model.apply(variables, images, train=True, rngs={"dropout": rng})
-        with feature_cache.substituted(run.cut, features):
+        with feature_cache.substituted(run.cuts[0], features):
             return run.model.apply(variables, jnp.zeros_like(images), train=True, rngs={"dropout": rng})
 
     key, other = jax.random.PRNGKey(7), jax.random.PRNGKey(8)
@@ -167,7 +167,7 @@ def test_the_tuned_recipe_builds_and_trains_on_images(mock_cifar, arg):
     assert (config.batch_size, config.optim.classifier.lr, config.optim.classifier.schedule) == (64, 0.016, "cosine")
     config.total_steps = 7813  # CIFAR-10's 10 epochs of 64 (mock CIFAR has 20 images, fewer than the warmup)
     run = train.setup(config)
-    assert run.cut is None and config.feature_cache == ""  # augmented: nothing to cache
+    assert run.cuts == (None,) and config.feature_cache == ""  # augmented: nothing to cache
     assert (run.data.augment, run.data.image_size) == ("crop_flip", 32 if "res=32" in arg else 224)
     assert config.data.mean is None and config.data.std is None  # the model's: ImageNet's
 

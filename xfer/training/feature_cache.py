@@ -166,6 +166,24 @@ def choose_cut(setting: str, augment: str, model, variable_shapes, image_size: i
     return cut
 
 
+def choose_cuts(setting: str, augment: str, model, variable_shapes, image_size: int,
+                plans: list[FreezePlan]) -> tuple[str | None, ...]:
+    """`choose_cut` for each phase of a schedule (`xfer.learning.phases`): the phases that freeze a
+    prefix cache it; the others train on images."""
+    if len(plans) == 1:
+        return (choose_cut(setting, augment, model, variable_shapes, image_size, plans[0]),)
+    cuts = []
+    for number, plan in enumerate(plans, 1):
+        try:
+            cuts.append(choose_cut(setting, augment, model, variable_shapes, image_size, plan))
+        except FeatureCacheError as error:
+            if augment != "none":
+                raise
+            log.info("feature cache: phase %d trains on images (%s)", number, error)
+            cuts.append(None)
+    return tuple(cuts)
+
+
 def _owns_only_frozen(labels) -> dict[str, bool]:
     """{module path: True if every parameter it owns directly is frozen}."""
     frozen: dict[str, bool] = {}
@@ -194,12 +212,14 @@ def make_feature_step(model, cut: str, mesh):
     return jax.jit(features, out_shardings=NamedSharding(mesh, P("data")))
 
 
-def cached_data(data, feature_step, cut: str, state, mesh, workdir: Path, dtype: str = "float32"):
+def cached_data(data, feature_step, cut: str, state, mesh, workdir: Path, dtype: str = "float32",
+                phase: int = 1):
     """`data` (`xfer.data.Data`) over the cut's features of each split, computed once or read from the
-    workdir, stored as `dtype` (a key of `DTYPES`)."""
+    workdir, stored as `dtype` (a key of `DTYPES`). A later `phase` of a schedule
+    (`xfer.learning.phases`) gets caches of its own: its frozen prefix may have trained before it."""
     def split_features(split: str, batches, count: int):
         return cached_features(
-            workdir, {"split": split, "cut": cut, "dtype": dtype}, count,
+            workdir, {"split": split, "cut": cut, "dtype": dtype, **({"phase": phase} if phase > 1 else {})}, count,
             lambda: local_rows(feature_step, state.params, state.batch_stats, batches(), mesh))
 
     return data.with_features(split_features("train", data.train_pass, data.num_train),

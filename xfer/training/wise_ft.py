@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from xfer import models
-from xfer.learning import partition
+from xfer.learning import partition, phases
 from xfer.training import evaluate
 from xfer.training import mesh as mesh_lib
 from xfer.weights.initialise import initial_variables, ported
@@ -74,7 +74,7 @@ def curve(run_setup, eval_step, state, data, reporter) -> dict:
     final = flat_variables(state)
     initial = mesh_lib.replicate({path: initial[path] for path in final}, mesh)
     changed = _changed(initial, final)
-    frozen_mask = flat_variables({"params": partition.frozen_mask(run_setup.plan.labels)})
+    frozen_mask = flat_variables({"params": partition.frozen_mask(phases.frozen_throughout(run_setup.phases))})
     frozen = [path for path, is_frozen in frozen_mask.items() if is_frozen and changed[path]]
     if frozen:
         reason = (f"the recomputed initial variables differ from the run's in {len(frozen)} frozen parameter(s) "

@@ -52,7 +52,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Mapping, NamedTuple, NoReturn
+from typing import Any, Callable, Mapping, NamedTuple, NoReturn
 
 import jax
 import orbax.checkpoint as ocp
@@ -282,11 +282,13 @@ class Checkpointer:
                     return
             time.sleep(0.05 * (attempt + 1))
 
-    def restore(self, state_template: Any) -> Restored:
+    def restore(self, state_template: Any | Callable[[int], Any]) -> Restored:
         """The newest checkpoint that reads back whole and matches its digest.
 
         `state_template` is a pytree like the saved state: jax arrays or
-        `jax.ShapeDtypeStruct`s carrying the shardings the restored arrays get.
+        `jax.ShapeDtypeStruct`s carrying the shardings the restored arrays get;
+        or a function of the step giving it (a schedule of freeze masks saves
+        each phase's optimizer state, `xfer.learning.phases`).
         Unreadable or damaged newer steps are logged, skipped, and then deleted;
         CheckpointError if no step reads back whole.
         """
@@ -296,11 +298,11 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoint in {self.directory}; check the workdir, or start the run without resuming."
             )
-        abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
+        template_at = state_template if callable(state_template) else lambda _: state_template
         unreadable = []
         for step in steps:
             try:
-                restored = self._restore_step(step, abstract_state)
+                restored = self._restore_step(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, template_at(step)))
             # A damaged checkpoint fails wherever the damage is read: tensorstore, JSON,
             # a missing item, the digest. Any failure here means "try an older step".
             except Exception as error:  # noqa: BLE001
