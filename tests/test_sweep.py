@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import runpy
 import shlex
 import signal
@@ -56,6 +57,39 @@ def test_grid_is_the_product_in_sorted_field_order_with_named_workdirs():
         "optim.head.lr=0.001,partition=last_k-2,seed=0", "optim.head.lr=0.001,partition=last_k-2,seed=1"]
     assert (runs[3].config.partition, runs[3].config.seed, runs[3].config.optim.head.lr) == ("last_k:2", 1, 1e-3)
     assert config.partition == "linear_probe"  # the sweep's own config is left as it was
+
+
+def test_arms_set_several_fields_at_once_and_cross_with_the_other_swept_fields():
+    config = ablate_config()
+    with config.unlocked():
+        config.arms = ml_collections.ConfigDict({
+            "lp_ft": {"partition": "linear_probe@0,full@0.5*0.1"},
+            "decay": {"partition": "full", "optim": {"backbone": {"lr": 1e-4}}},
+            "unused": {"partition": "bias_only"},
+        })
+        config.sweep = ml_collections.ConfigDict({"arm": ("lp_ft", "decay"), "seed": (0, 1)})
+    runs = sweep.grid(config)
+    assert [run.name for run in runs] == ["arm=lp_ft,seed=0", "arm=lp_ft,seed=1", "arm=decay,seed=0",
+                                          "arm=decay,seed=1"]
+    assert runs[0].config.partition == "linear_probe@0,full@0.5*0.1" and runs[0].config.optim.backbone.lr == 1e-3
+    assert (runs[3].config.partition, runs[3].config.optim.backbone.lr, runs[3].config.seed) == ("full", 1e-4, 1)
+    assert runs[3].settings == {"partition": "full", "optim.backbone.lr": 1e-4, "seed": 1}
+    assert "arms" not in workdir_lib.config_as_json(runs[0].config)  # arms are the grid, not a run's config
+
+
+@pytest.mark.parametrize("arms, swept, message", [
+    ({"full": {"partition": "full"}}, {"arm": ("full", "lp")}, "config.sweep.arm names 'lp', which config.arms"),
+    ({"full": {"partition": "full"}}, {"arm": ("full",), "partition": ("full",)},
+     "config.arms.full sets partition, which config.sweep also sweeps"),
+    ({"full": {"partitio": "full"}}, {"arm": ("full",)}, "the config has no field partitio"),
+])
+def test_bad_arms_are_one_line_errors(arms, swept, message):
+    config = ablate_config()
+    with config.unlocked():
+        config.arms = ml_collections.ConfigDict(arms)
+        config.sweep = ml_collections.ConfigDict(swept)
+    with pytest.raises(sweep.SweepError, match=re.escape(message)):
+        sweep.grid(config)
 
 
 @pytest.mark.parametrize("arg, model, runs", [

@@ -10,6 +10,17 @@
         "optim": {"head": {"lr": (1e-3, 1e-2)}},      # the field optim.head.lr
     })
 
+Methods that differ in several fields at once (LP-FT is a partition schedule and a learning
+rate; layer decay a preset and a group field) are *arms*: `config.arms` names each one's
+field values, nested as the config is, and `config.sweep.arm` lists the arms to run, crossed
+with the other swept fields like any value:
+
+    config.arms = ml_collections.ConfigDict({
+        "full": {"partition": "full"},
+        "layer_decay": {"partition": "full", "optim": {"backbone": {"layer_decay": 0.7}}},
+    })
+    config.sweep = ml_collections.ConfigDict({"arm": ("full", "layer_decay"), "seed": (0, 1)})
+
 Each combination is one run, in a workdir under --workdir (default
 `runs/sweeps/<config name>[,<config argument>]`) named by its values
 (`partition=last_k-2,seed=1`), fields in sorted order, the last varying fastest.
@@ -56,10 +67,15 @@ class SweepError(ValueError):
     """A grid that names a field the config lacks, or a value the field cannot hold."""
 
 
+ARM = "arm"  # config.sweep.arm: names of config.arms entries
+_GRID_FIELDS = ("sweep", "arms")  # the grid's own fields: no run's config field
+
+
 class Run(NamedTuple):
     name: str  # its workdir under the sweep's, e.g. "partition=last_k-2,seed=1"
-    values: dict[str, Any]  # {dotted config field: value} for every swept field
+    values: dict[str, Any]  # {dotted config field, or "arm": value} for every swept field
     config: ml_collections.ConfigDict  # the sweep's config with those values set
+    settings: dict[str, Any]  # {dotted config field: value} the run sets: `values` with its arm's fields
 
 
 def grid(config: ml_collections.ConfigDict) -> list[Run]:
@@ -70,10 +86,12 @@ def grid(config: ml_collections.ConfigDict) -> list[Run]:
     fields = _fields(config.sweep, "")
     if not fields:
         raise SweepError("config.sweep is empty; give it at least one field and its values")
+    arms = _arms(config, fields)
     runs = []
     for combination in itertools.product(*(values for _, values in fields)):
         values = {path: value for (path, _), value in zip(fields, combination)}
-        runs.append(Run(run_name(values), values, _with_values(config, values)))
+        settings = {**arms.get(values.get(ARM), {}), **{path: v for path, v in values.items() if path != ARM}}
+        runs.append(Run(run_name(values), values, _with_values(config, settings), settings))
     names = [run.name for run in runs]
     clash = next((name for name in names if names.count(name) > 1), None)
     if clash:
@@ -126,27 +144,52 @@ def commands(runs: Sequence[Run], sweep_dir: Path, config_arg: str, overrides: S
     Overrides of swept fields and of `sweep` itself are dropped, since each
     command sets its own values and the grid is no part of a run's config.
     """
-    swept = {path for run in runs for path in run.values} | {"sweep"}
+    swept = {path for run in runs for path in run.settings} | set(_GRID_FIELDS)
     kept = [arg for arg in overrides if not any(
         _override_path(arg) == path or _override_path(arg).startswith(f"{path}.") for path in swept)]
     return [shlex.join(["python", "launch.py", f"--config={config_arg}", *kept,
-                        *(f"--config.{path}={_text(value)}" for path, value in run.values.items()),
+                        *(f"--config.{path}={_text(value)}" for path, value in run.settings.items()),
                         f"--workdir={sweep_dir / run.name}"]) for run in runs]
 
 
-def _fields(node: ml_collections.ConfigDict, prefix: str) -> list[tuple[str, tuple]]:
-    """[(dotted field, values)] of a nested `sweep`, in the ConfigDict's (sorted) key order."""
+def _fields(node: ml_collections.ConfigDict, prefix: str, singles: bool = False) -> list[tuple[str, Any]]:
+    """[(dotted field, values)] of a nested `sweep`, in the ConfigDict's (sorted) key order; with
+    `singles`, [(dotted field, value)] of an arm."""
     fields = []
     for key, value in node.items():
         path = f"{prefix}{key}"
         if isinstance(value, ml_collections.ConfigDict):
-            fields += _fields(value, f"{path}.")
+            fields += _fields(value, f"{path}.", singles)
+        elif singles:
+            fields.append((path, value))
         elif isinstance(value, (tuple, list)) and value:
             fields.append((path, tuple(value)))
         else:
             raise SweepError(f"config.sweep.{path} is {value!r}; give a non-empty tuple of the values to try, "
                              f"e.g. config.sweep.{path} = (a, b)")
     return fields
+
+
+def _arms(config: ml_collections.ConfigDict, fields: list[tuple[str, tuple]]) -> dict[str, dict[str, Any]]:
+    """{arm: {dotted field: value}} of the arms `config.sweep.arm` names, checked."""
+    named = next((values for path, values in fields if path == ARM), ())
+    if not named:
+        return {}
+    defined = config.get("arms") or {}
+    for name in named:
+        if name not in defined:
+            raise SweepError(f"config.sweep.arm names {name!r}, which config.arms does not define; define it or "
+                             f"pick from {', '.join(defined) or 'nothing (config.arms is empty)'}")
+    swept = {path for path, _ in fields} - {ARM}
+    arms = {}
+    for name in named:
+        settings = dict(_fields(defined[name], "", singles=True))
+        clash = sorted(swept & set(settings))
+        if clash:
+            raise SweepError(f"config.arms.{name} sets {clash[0]}, which config.sweep also sweeps; set it in one "
+                             "of the two")
+        arms[name] = settings
+    return arms
 
 
 def _with_values(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -157,9 +200,9 @@ def _with_values(config: ml_collections.ConfigDict, values: dict[str, Any]) -> m
         node = run_config
         for part in filter(None, parent.split(".")):
             node = node[part] if isinstance(node, ml_collections.ConfigDict) and part in node else None
-        if not isinstance(node, ml_collections.ConfigDict) or field not in node or path.split(".")[0] == "sweep":
+        if not isinstance(node, ml_collections.ConfigDict) or field not in node or path.split(".")[0] in _GRID_FIELDS:
             raise SweepError(f"config.sweep.{path}: the config has no field {path}; sweep one of its fields "
-                             f"({', '.join(k for k in config.keys() if k != 'sweep')}, or a nested one)")
+                             f"({', '.join(k for k in config.keys() if k not in _GRID_FIELDS)}, or a nested one)")
         try:
             node[field] = value
         except (TypeError, ValueError):

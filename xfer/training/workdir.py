@@ -43,11 +43,12 @@ class WorkdirError(ValueError):
 def config_as_json(config) -> dict:
     """The config as plain JSON data: what is saved, and compared on resume.
 
-    A `sweep` field (the grid of an ablation config, xfer.experiments.sweep) is left out: it
-    says which runs exist, not what this run is, so a run launched alone and the
+    The `sweep` and `arms` fields (the grid of an ablation config, xfer.experiments.sweep) are
+    left out: they say which runs exist, not what this run is, so a run launched alone and the
     same run inside a sweep share their workdir.
     """
-    return {k: v for k, v in json.loads(config.to_json_best_effort(sort_keys=True)).items() if k != "sweep"}
+    grid_fields = ("sweep", "arms")
+    return {k: v for k, v in json.loads(config.to_json_best_effort(sort_keys=True)).items() if k not in grid_fields}
 
 
 def check(workdir: Path, config_json: dict) -> bool:
