@@ -77,6 +77,17 @@ def test_arms_set_several_fields_at_once_and_cross_with_the_other_swept_fields()
     assert "arms" not in workdir_lib.config_as_json(runs[0].config)  # arms are the grid, not a run's config
 
 
+def test_the_methods_ablation_sets_up_every_arm(tmp_path):
+    config = runpy.run_path(str(REPO / "configs/ablate_methods.py"))["get_config"]("")
+    config.lock()
+    runs = sweep.grid(config)
+    sweep.check(runs, tmp_path / "sweep")
+    assert [run.values["arm"] for run in runs[::2]] == ["linear_probe", "norm_only", "full", "lp_ft", "gradual",
+                                                       "layer_decay"]
+    assert runs[4].config.wise_ft_alphas == (0.0, 0.25, 0.5, 0.75, 1.0) and runs[0].config.wise_ft_alphas == ()
+    assert runs[-1].config.optim.backbone.layer_decay == 0.7
+
+
 @pytest.mark.parametrize("arms, swept, message", [
     ({"full": {"partition": "full"}}, {"arm": ("full", "lp")}, "config.sweep.arm names 'lp', which config.arms"),
     ({"full": {"partition": "full"}}, {"arm": ("full",), "partition": ("full",)},
