@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from configs import ablate_freeze
-from test_train_equivalence import assert_bitwise_equal, launch, leaves, read_data_state, read_state, saved_steps
+from test_train_equivalence import (ATOL, MOMENTUM_RTOL, RTOL, assert_bitwise_equal, launch, leaves, read_data_state,
+                                    read_state, saved_steps, tolerance_used)
 from xfer import models
 from xfer.learning import phases
 from xfer.learning.optim import OptimConfigError
@@ -172,3 +173,22 @@ def test_sigkill_at_or_after_the_boundary_then_resume_is_bitwise_the_uninterrupt
     evaluations = [{k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k.startswith("eval")}
                    for run in (workdir, reference_dir)]
     assert evaluations[0] == evaluations[1] and "eval_accuracy" in evaluations[0]
+
+
+def test_unfreezing_on_eight_devices_computes_what_one_device_does(reference):
+    """The full phase's gradients are all-reduced like any other: nothing is left out when parameters
+    start training mid-run (Lightning #20340). SGD with momentum, not Adam, for the reason
+    tests/test_train_equivalence.py gives; the same tolerances, measured there."""
+    sgd = ("--config.optim.head.optimizer=sgd", "--config.optim.head.momentum=0.9", "--config.optim.head.lr=0.01",
+           "--config.optim.backbone.optimizer=sgd", "--config.optim.backbone.momentum=0.9",
+           "--config.optim.backbone.lr=0.001", "--config.checkpoint.every=100")
+    runs = reference[0].parent
+    launch(runs / "sgd_one", *sgd, config=CONFIG)
+    eight = launch(runs / "sgd_eight", *sgd, config=CONFIG, devices=8)
+    assert "on 8 cpu device(s)" in eight.output
+    one, many = read_state(runs / "sgd_one", TOTAL), read_state(runs / "sgd_eight", TOTAL)
+    for collection, tolerance in [("params", dict(rtol=RTOL, atol=ATOL)),
+                                  ("opt_state", dict(rtol=MOMENTUM_RTOL, atol=0, relative_to_max=True))]:
+        used, where = tolerance_used(many[collection], one[collection], **tolerance)
+        print(f"LP-FT, 8 vs 1 device(s), {collection}: {used:.3g} of the tolerance at {where}")
+        assert used <= 1, f"{collection}{where} differs by {used:.3g} times the tolerance"
