@@ -148,6 +148,9 @@ def test_lp_ft_freezes_the_backbone_then_trains_it(reference):
     assert "backbone" not in probe_table and re.search(r"frozen\s+\d+", probe_table)
     assert "backbone" in full_table and FROZEN not in full_table
     assert "feature cache: phase 2 trains on images" in output
+    assert json.loads((workdir / "summary.json").read_text())["phases"] == [
+        {"setting": "linear_probe", "first_step": 1, "last_step": 4, "trainable_parameters": 12_810},
+        {"setting": "full", "first_step": 5, "last_step": 8, "trainable_parameters": 3_383_818}]
 
     model = models.build("efficientnet_lite0", num_classes=10)
     initial = initial_variables(model, "efficientnet_lite0", "imagenet", 32, 0, True)["params"]

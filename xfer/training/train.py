@@ -159,6 +159,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
                    **{k: v for k, v in eval_metrics.items() if k != "per_class"},
                    # every attempt's, up to its last checkpoint; seconds_per_step is None before 2 steps ran
                    **chrono.totals(state, run_setup.total_steps)}
+        if len(run_setup.phases) > 1:
+            summary["phases"] = [{"setting": phase.setting if isinstance(phase.setting, str) else "rules",
+                                  "first_step": phase.start + 1, "last_step": phase.end,
+                                  "trainable_parameters": phase.plan.trainable_parameters}
+                                 for phase in run_setup.phases]
         if config.wise_ft_alphas:  # the WiSE-FT curve from the initial to the final weights, recomputed on a resume
             if len(set(run_setup.cuts)) > 1:  # a cut's prefix may have trained in another phase: use images
                 eval_step, data = step_lib.make_eval_step(run_setup.model, mesh, options=run_setup.step_options), \
