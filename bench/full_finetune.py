@@ -177,16 +177,23 @@ def main(argv=None):
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}: use {', '.join(MODELS)}")
+    one_process_each(names, "--models", lambda name: run_model(args, name), line, args.json, argv, __file__)
+
+
+def one_process_each(names: list[str], flag: str, measure, describe, json_path: str | None, argv,
+                     script: str) -> None:
+    """`measure(name)` here for a single name (`describe`d, and appended to `json_path` as a JSON line),
+    else `script` run again once per name with `flag name`: XLA_FLAGS are read once per process."""
     if len(names) == 1:
-        info = run_model(args, names[0])
-        print(line(info), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
+        info = measure(names[0])
+        print(describe(info), flush=True)
+        if json_path:
+            with open(json_path, "a") as f:
                 f.write(json.dumps(info) + "\n")
         return
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name in names:  # one process per model: XLA_FLAGS are read once per process
-        subprocess.run([sys.executable, __file__, *argv, "--models", name], check=True)
+    for name in names:
+        subprocess.run([sys.executable, script, *argv, flag, name], check=True)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,13 @@ def get_config(arg: str = ""):
     # WiSE-FT after training (xfer/training/wise_ft.py): eval of (1-a)*initial + a*final weights for each a.
     config.wise_ft_alphas = ()  # e.g. (0.0, 0.25, 0.5, 0.75, 1.0); () is off
     config.wise_ft_head = "final"  # a new head keeps its trained value at every a; "interpolate" mixes it too
+    # The train step (xfer/training/step.py). An exponential moving average of the weights, which evaluation
+    # (and so the best checkpoint) then uses: 0 is off, else in (0, 1), e.g. 0.999 (timm's ModelEmaV2).
+    config.ema_decay = 0.0
+    # Gradient accumulation: the batch runs as this many micro-batches, one optimizer update (1: off).
+    config.grad_accum_steps = 1
+    # "bfloat16": activations in bfloat16, parameters, optimizer state, gradients float32 (mixed precision).
+    config.compute_dtype = "float32"
     config.log_every = 2000
     # The tutorial tests once, after training; the last step always evaluates, and 125,000 steps
     # (10 epochs of 12,500) is that step.

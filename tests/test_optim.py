@@ -163,7 +163,7 @@ def step_mflops(rules, optim_config, chained_before=None, cached_from=None) -> f
             + compiled_mflops(cached, state, cached_batch))
 
 
-def test_frozen_gradients_are_not_computed_unless_something_reads_every_gradient():
+def test_frozen_gradients_are_not_computed_even_when_something_reads_every_gradient():
     all_trainable = step_mflops(((".*", "head"),), SGD)
     frozen = step_mflops(RULES, SGD)
     frozen_group_clip = step_mflops(RULES, SGD_CLIPPED)
@@ -179,6 +179,7 @@ def test_frozen_gradients_are_not_computed_unless_something_reads_every_gradient
     assert frozen_group_clip < 1.01 * frozen
     # The step's own metrics (trainable_grad_norm, the non-finite guard) add no frozen backward work.
     assert frozen < 1.01 * prefix_forward_plus_rest
-    # DESIGN.md's claim: a clip that reads every gradient brings the frozen backward pass back.
-    assert frozen_outside_clip > 1.3 * frozen
-    assert frozen_all_grads_norm > 1.3 * frozen
+    # The step differentiates only the trainable parameters (frozen gradients reach the optimizer as
+    # zeros), so even a clip or a norm that reads every gradient brings no frozen backward pass back.
+    assert frozen_outside_clip < 1.01 * frozen
+    assert frozen_all_grads_norm < 1.01 * frozen

@@ -100,8 +100,21 @@ class Loss:
         per_example = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, self.label_smoothing))
         if self.class_weights is None:
             return per_example.mean()
-        weights = targets @ jnp.asarray(self.class_weights, targets.dtype)
+        weights = self._example_weights(targets)
         return jnp.sum(weights * per_example) / jnp.sum(weights)
+
+    def total_weight(self, labels: jax.Array, targets: jax.Array | None = None) -> jax.Array:
+        """What the loss divides a batch's summed per-example losses by, up to one factor for every
+        batch of a size: the summed class weights (of the mixed `targets` when it mixes), else 1.
+        Micro-batch losses weighted by it combine into the whole batch's (`xfer.training.step`)."""
+        if self.class_weights is None:
+            return jnp.ones((), jnp.float32)
+        if targets is None:
+            targets = jax.nn.one_hot(labels, len(self.class_weights), dtype=jnp.float32)
+        return jnp.sum(self._example_weights(targets))
+
+    def _example_weights(self, targets: jax.Array) -> jax.Array:
+        return targets @ jnp.asarray(self.class_weights, targets.dtype)
 
 
 def draw(key: jax.Array, mixup_alpha: float, cutmix_alpha: float) -> tuple[jax.Array, jax.Array]:

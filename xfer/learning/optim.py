@@ -11,10 +11,11 @@ with one spec per group into a single `optax.partition` (optax >= 0.2.5, where
 The built-in `frozen` group gets `optax.set_to_zero()`: no optimizer state, no
 weight decay, no clipping. Everything that reads gradients (weight decay,
 clipping, the optimizer) sits *inside* the partition, so it only ever sees its
-own group's gradients. Anything that reads every gradient — a global-norm clip
-chained outside the partition, a norm metric over all gradients — makes XLA
-compute the frozen gradients after all; `trainable_grad_norm` is the metric
-that does not. tests/test_optim.py checks this on compiled FLOPs.
+own group's gradients. The train step (`xfer.training.step`) differentiates only
+the trainable parameters and hands the optimizer zeros for the frozen ones, so
+even a transformation that reads every gradient — a global-norm clip chained
+outside the partition, a norm over all gradients — adds no frozen backward work
+(it sees the frozen gradients as zeros). tests/test_optim.py checks this on compiled FLOPs.
 
 Per-group spec fields (`group_config` fills the defaults, so that every field
 can be overridden from the command line under `lock_config`):

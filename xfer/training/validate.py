@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 
+import jax
+
 from xfer.learning import loss
-from xfer.training import feature_cache, wise_ft
+from xfer.training import feature_cache, step, wise_ft
 
 NAN_POLICIES = ("stop", "skip")
 _MAX_SEED = 2**32 - 1  # jax.random.PRNGKey and grain's seeds are 32-bit
@@ -46,6 +48,7 @@ def check(config) -> None:
         raise ValueError(f"config.label_smoothing={smoothing!r}; it must be a number in [0, 1) (0: off, 0.1 is usual)")
     loss.parse_class_weights(config.class_weights)  # their count against the classes: once the data is read
     _check_wise_ft(config.wise_ft_alphas, config.wise_ft_head)
+    _check_step_options(config)
 
 
 def _check_wise_ft(alphas, head) -> None:
@@ -57,6 +60,25 @@ def _check_wise_ft(alphas, head) -> None:
     if head not in wise_ft.HEADS:
         raise ValueError(f"config.wise_ft_head={head!r}; choose 'final' (the new head keeps its trained value "
                          "at every alpha) or 'interpolate' (from its initial value)")
+
+
+def _check_step_options(config) -> None:
+    """The train step's knobs (xfer.training.step.StepOptions)."""
+    decay = config.ema_decay
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ValueError(f"config.ema_decay={decay!r}; it must be a number in [0, 1) (0: off, 0.999 is usual)")
+    _at_least("grad_accum_steps", config.grad_accum_steps, 1, "micro-batches per optimizer update, 1 is off")
+    batch, k, devices = config.batch_size, config.grad_accum_steps, jax.device_count()
+    if batch % k:
+        raise ValueError(f"config.batch_size={batch} does not split into config.grad_accum_steps={k} equal "
+                         f"micro-batches; make the batch size a multiple of {k}")
+    if k > 1 and batch // k % devices:
+        raise ValueError(f"config.batch_size={batch} / grad_accum_steps={k} is {batch // k} examples a micro-batch, "
+                         f"which does not split over the {devices} devices; make the batch size a multiple of "
+                         f"{k * devices}")
+    if config.compute_dtype not in step.COMPUTE_DTYPES:
+        raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; choose 'float32' or 'bfloat16' "
+                         "(activations only: parameters and optimizer state stay float32)")
 
 
 def _at_least(field: str, value, minimum: int, meaning: str) -> None:

@@ -52,6 +52,7 @@ from flax import traverse_util
 from xfer import models
 from xfer.learning import partition, phases
 from xfer.training import evaluate
+from xfer.training import step as step_lib
 from xfer.training import mesh as mesh_lib
 from xfer.weights.initialise import initial_variables, ported
 
@@ -71,7 +72,7 @@ def curve(run_setup, eval_step, state, data, reporter) -> dict:
     log.info("WiSE-FT: recomputing the initial variables (init %s, seed %d)", run_setup.init, config.seed)
     initial, new_head = initial_state(run_setup)
     keep = new_head if config.wise_ft_head == "final" else frozenset()
-    final = flat_variables(state)
+    final = flat_variables(step_lib.eval_variables(state))  # the EMA's when config.ema_decay is on
     initial = mesh_lib.replicate({path: initial[path] for path in final}, mesh)
     changed = _changed(initial, final)
     frozen_mask = flat_variables({"params": partition.frozen_mask(phases.frozen_throughout(run_setup.phases))})
@@ -91,7 +92,7 @@ def curve(run_setup, eval_step, state, data, reporter) -> dict:
     rows = []
     for alpha in alphas:
         mixed = traverse_util.unflatten_dict(interpolate(initial, final, alpha, keep), sep="/")
-        mixed_state = state.replace(params=mixed["params"], batch_stats=mixed.get("batch_stats", {}))
+        mixed_state = step_lib.with_eval_variables(state, mixed)  # {"params"[, "batch_stats"]}
         metrics = evaluate.one_pass(eval_step, mixed_state, data).metrics(list(data.class_names))
         rows.append({"alpha": alpha, **{k: metrics[k] for k in ROW if k in metrics}})
         log.info("WiSE-FT alpha=%g: %s", alpha, " ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()
