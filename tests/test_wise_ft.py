@@ -154,3 +154,13 @@ def test_a_bad_alpha_is_refused_before_anything_is_written(tmp_path):
     message = assert_one_error_line(launch(*QUICK_ARGS, "--config.wise_ft_alphas=(0.0, 2.0)", workdir=workdir))
     assert message.startswith("error: config.wise_ft_alphas=(0.0, 2.0); it must be a tuple of numbers in [0, 1]")
     assert not workdir.exists()
+
+
+def test_with_an_ema_the_curve_ends_at_the_weights_evaluation_uses(tmp_path):
+    """θ_final is the EMA when the run keeps one (config.ema_decay): α = 1 is the run's own evaluation."""
+    config = _config()
+    config.ema_decay, config.wise_ft_alphas = 0.9, (0.0, 1.0)
+    summary = train.run(config, tmp_path / "run")
+    final = summary["wise_ft"]["curve"][-1]
+    assert final["alpha"] == 1.0
+    assert {k: final[k] for k in wise_ft.ROW} == {k: summary[k] for k in wise_ft.ROW}
