@@ -1,4 +1,4 @@
-r"""Which fine-tuning *method*? Six methods x seeds, one command: masks, phases, layer decay, WiSE-FT.
+r"""Which fine-tuning *method*? Seven arms x seeds, one command: masks, phases, layer decay, WiSE-FT.
 
     python -m xfer.experiments.sweep --config=configs/ablate_methods.py --workdir=/tmp/xfer-methods
 
@@ -10,6 +10,7 @@ ImageNet EfficientNet-Lite0 and scikit-learn's digits by default (offline); the 
   norm_only      BatchNorm scales and biases, and the head
   full           everything; its WiSE-FT curve (`wise_ft_alphas`, in its summary.json and
                  wise_ft.csv) is the "WiSE-FT of full" method, read at an alpha fixed in advance
+  full_low_lr    everything, at every learning rate x 0.1 (LP-FT's fine-tuning rates)
   lp_ft          LP-FT (Kumar et al. 2022): the head alone for the first half, then everything
                  with every learning rate x 0.1
   gradual        gradual unfreezing (ULMFiT): the head, then one more block from the head each quarter
@@ -27,6 +28,9 @@ ARMS = {
     "norm_only": {"partition": "norm_only"},
     # The WiSE-FT curve of `full` (wise_ft_alphas) is the "WiSE-FT of full" method.
     "full": {"partition": "full", "wise_ft_alphas": (0.0, 0.25, 0.5, 0.75, 1.0)},
+    # Everything at LP-FT's fine-tuning learning rates (x 0.1) all along: the control that tells
+    # LP-FT's probing first apart from its smaller learning rate.
+    "full_low_lr": {"partition": "full", "optim": {"head": {"lr": 1e-3}, "backbone": {"lr": 1e-4}}},
     "lp_ft": {"partition": "linear_probe@0,full@0.5*0.1"},
     "gradual": {"partition": "gradual_unfreeze:4"},
     "layer_decay": {"partition": "full", "optim": {"backbone": {"layer_decay": 0.7}}},

@@ -82,8 +82,8 @@ def test_the_methods_ablation_sets_up_every_arm(tmp_path):
     config.lock()
     runs = sweep.grid(config)
     sweep.check(runs, tmp_path / "sweep")
-    assert [run.values["arm"] for run in runs[::2]] == ["linear_probe", "norm_only", "full", "lp_ft", "gradual",
-                                                       "layer_decay"]
+    assert [run.values["arm"] for run in runs[::2]] == ["linear_probe", "norm_only", "full", "full_low_lr", "lp_ft",
+                                                       "gradual", "layer_decay"]
     assert runs[4].config.wise_ft_alphas == (0.0, 0.25, 0.5, 0.75, 1.0) and runs[0].config.wise_ft_alphas == ()
     assert runs[-1].config.optim.backbone.layer_decay == 0.7
 
