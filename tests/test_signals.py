@@ -154,7 +154,7 @@ def test_a_signal_during_the_feature_pass_stops_at_that_batch_and_writes_no_cach
     run = launch(workdir, "batch:3", signum)
     assert run.returncode == exit_code, run.stderr[-3000:]
     assert_no_traceback(run)
-    assert "preempted during the feature-cache pass; nothing to save, rerun to resume" in run.stderr
+    assert "preempted during the feature-cache pass; rerun to resume" in run.stderr
     assert "feature-pass boundaries: 3" in run.stdout  # no batch after the signalled one
     assert list(workdir.glob("feature_cache/*")) == []  # neither a cache nor a partial file
     assert saved_steps(workdir) == []
@@ -200,7 +200,7 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_feature_batch(tm
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-5000:]
     assert_no_traceback(run)
-    assert "[0] " in run.stderr and "preempted during the feature-cache pass; nothing to save" in run.stderr
+    assert "[0] " in run.stderr and "preempted during the feature-cache pass; rerun to resume" in run.stderr
     stops = sorted(line.split()[0] + line.split()[-1] for line in run.stdout.splitlines()
                    if "feature-pass boundaries" in line)
     assert len(stops) == 2 and stops[0][3:] == stops[1][3:], run.stdout  # [0]N and [1]N: the same N

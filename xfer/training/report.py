@@ -59,6 +59,9 @@ class Chrono:
 
     @contextlib.contextmanager
     def paused(self, state):
+        if self._start_time is None:  # before the first timed step (a phase's feature pass): nothing to leave out
+            yield
+            return
         jax.block_until_ready(state)
         self._paused_at = time.perf_counter()
         try:
