@@ -74,8 +74,7 @@ class Phase:
         return self.plan.optimizer(self.steps, schedule_offsets=self.schedule_offsets)
 
     def describe(self) -> str:
-        setting = self.setting if isinstance(self.setting, str) else "rules"
-        return f"phase {self.number} ({setting}): steps {self.start + 1}..{self.end}"
+        return f"phase {self.number} ({spelled(self.setting)}): steps {self.start + 1}..{self.end}"
 
 
 def parse(setting) -> list[PhaseSpec] | None:
@@ -111,7 +110,7 @@ def build(config, model_name: str, variable_shapes, total_steps: int) -> tuple[P
                                    number)
         phase_plan = plan_lib.build(spec.setting, config.bn_policy, optim_config, model_name, variable_shapes)
         if not phase_plan.trainable_parameters:
-            raise PartitionError(f"config.partition: phase {number} ({_spelled(spec.setting)}) freezes every "
+            raise PartitionError(f"config.partition: phase {number} ({spelled(spec.setting)}) freezes every "
                                  "parameter; give it a preset or rules that train something")
         base_plans.append(phase_plan)
     if len(specs) == 1:
@@ -170,7 +169,7 @@ def _chain(specs, base_plans, starts, ends, params) -> list[Phase]:
         try:  # a schedule no optimizer can follow (warmup longer than the phase) fails now, naming the phase
             phase_plan.optimizer(end - start)
         except optim.OptimConfigError as error:
-            raise optim.OptimConfigError(f"config.partition: phase {number} ({_spelled(spec.setting)}, "
+            raise optim.OptimConfigError(f"config.partition: phase {number} ({spelled(spec.setting)}, "
                                          f"{end - start} steps): {error}") from None
         carried = _carried(phases[-1], phase_plan, params, end - start) if phases else frozenset()
         fresh_since = {group: fresh_since[group] if group in carried else start for group in specs_by_group}
@@ -273,5 +272,6 @@ def _checked(specs: list[PhaseSpec], setting) -> list[PhaseSpec]:
     return specs
 
 
-def _spelled(setting) -> str:
+def spelled(setting) -> str:
+    """A phase's setting for a log line or summary.json: the preset's name, or "rules"."""
     return setting if isinstance(setting, str) else "rules"

@@ -160,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
                    # every attempt's, up to its last checkpoint; seconds_per_step is None before 2 steps ran
                    **chrono.totals(state, run_setup.total_steps)}
         if len(run_setup.phases) > 1:
-            summary["phases"] = [{"setting": phase.setting if isinstance(phase.setting, str) else "rules",
+            summary["phases"] = [{"setting": phases_lib.spelled(phase.setting),
                                   "first_step": phase.start + 1, "last_step": phase.end,
                                   "trainable_parameters": phase.plan.trainable_parameters}
                                  for phase in run_setup.phases]
