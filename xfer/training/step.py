@@ -109,18 +109,14 @@ def images(batch) -> tuple[jax.Array, ContextManager]:
 
 
 def _keep_frozen(new, old, frozen_mask):
-    return jax.tree.map(lambda n, o, frozen: o if frozen else n, new, old, frozen_mask)
+    """`new`, with each frozen leaf taken from `old`; `new` may hold None there (`_trainable`'s)."""
+    return jax.tree.map(lambda frozen, n, o: o if frozen else n, frozen_mask, new, old)
 
 
 def _trainable(params, frozen_mask):
     """`params` with None for each frozen leaf: what the step differentiates, so no frozen gradient
     exists to be computed or carried across micro-batches."""
     return jax.tree.map(lambda p, frozen: None if frozen else p, params, frozen_mask)
-
-
-def _merged(trainable, params, frozen_mask):
-    """`_trainable`'s inverse: each None leaf of `trainable` filled from `params`."""
-    return jax.tree.map(lambda frozen, p, t: p if frozen else t, frozen_mask, params, trainable)
 
 
 def _in_dtype(tree, dtype):
@@ -223,7 +219,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: Fr
             batch = {**batch, "image": mixed}
 
         def loss_fn(trainable):
-            variables = {"params": _in_dtype(_merged(trainable, params, params_frozen), dtype)}
+            variables = {"params": _in_dtype(_keep_frozen(trainable, params, params_frozen), dtype)}
             if batch_stats:
                 variables["batch_stats"] = batch_stats
             x, context = inputs(_in_dtype(batch, dtype))
