@@ -20,6 +20,11 @@ Config examples (every field and its default: `xfer.data.settings.DataSettings`)
     config.data = dict(source="folder", path="~/data/flowers")   # train/ and val/ of class folders
     config.data = dict(source="digits", flip=False)               # offline: sklearn's 8x8 digits
 
+Every source holds a test split (tfds's eval_split, the folder's val/ or test/, or a fixed carve:
+digits, a folder with train/ alone). `val_fraction` carves a validation split from the train split,
+stratified and drawn with `split_seed`, never trained on; `evaluate_on="val"` scores runs on it
+(hyperparameter searches), "test" on the test split. `data.example_ids()` names the examples of both.
+
 In a config file for launch.py write `config.data = xfer.data.config_dict(source=..., ...)`: it holds
 every field, so any of them (the other sources' too) can be overridden from the command line.
 """
@@ -55,15 +60,27 @@ class Data:
     augment: str
     mixup_alpha: float  # the train step's mixing (config.data; xfer.learning.loss), 0 = off
     cutmix_alpha: float
+    # What the eval split is: "test", the source's held-out split, or "val", carved from the train split
+    # (config.data.evaluate_on); its examples are never in the train split.
+    eval_role: str
     _splits: sources.Splits = dataclasses.field(repr=False)
     _prepare: grain.transforms.Map = dataclasses.field(repr=False)
     _normalise: grain.transforms.Map = dataclasses.field(repr=False)
     _seed: int = dataclasses.field(repr=False)
     _shard: dict = dataclasses.field(repr=False)
+    # The splits as the source gave them, which name the examples (`example_ids`) after `with_features`.
+    _named: sources.Splits | None = dataclasses.field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def example_ids(self) -> dict[str, Any]:
+        """{"train": ids of the examples trained on, "eval": of those scored on, "eval_role": "val" or
+        "test"}, each in stored order: what shows that a search never saw a test example. An id names
+        the same example whichever split string or carve selected it (`xfer.data.sources`)."""
+        named = self._named or self._splits
+        return {"train": list(named.train.ids), "eval": list(named.eval.ids), "eval_role": self.eval_role}
 
     def train_labels(self) -> np.ndarray:
         """The label of every training example, in stored order, without decoding an image: what
@@ -86,9 +103,9 @@ class Data:
         (features, labels) of each split in stored order: batch["image"] then holds feature rows.
         Rows are read one by one as batches need them, never copied whole."""
         splits = sources.Splits(train=FeatureRecords(*train), eval=FeatureRecords(*eval),
-                                class_names=self._splits.class_names)
+                                class_names=self._splits.class_names, eval_role=self.eval_role)
         return _assemble(splits, Identity(), Identity(), LabelsToInt32(), self.image_size, self.batch_size,
-                         "none", (0.0, 0.0), self._seed, self._shard)
+                         "none", (0.0, 0.0), self._seed, self._shard, named=self._named or self._splits)
 
     def _pass(self, records) -> grain.IterDataset:
         return pipeline.eval_batches(records, self._prepare, self._normalise, batch_size=self.batch_size,
@@ -139,7 +156,7 @@ def build(config: Mapping[str, Any], model_info: ModelInfo, global_batch_size: i
 
 
 def _assemble(splits, prepare, augment, normalise, image_size: int, batch_size: int, augment_name: str,
-              mixing: tuple[float, float], seed: int, shard: dict) -> Data:
+              mixing: tuple[float, float], seed: int, shard: dict, named: sources.Splits | None = None) -> Data:
     return Data(
         train=pipeline.train_batches(splits.train, augment, normalise, batch_size=batch_size,
                                      seed=seed, **shard),
@@ -151,9 +168,11 @@ def _assemble(splits, prepare, augment, normalise, image_size: int, batch_size: 
         augment=augment_name,
         mixup_alpha=mixing[0],
         cutmix_alpha=mixing[1],
+        eval_role=splits.eval_role,
         _splits=splits,
         _prepare=prepare,
         _normalise=normalise,
         _seed=seed,
         _shard=shard,
+        _named=named,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping
 
 import ml_collections
@@ -18,6 +19,7 @@ from xfer.data.transforms import INTERPOLATIONS
 
 SOURCES = ("tfds", "folder", "digits")
 AUGMENTATIONS = ("crop_flip", "none")
+EVALUATE_ON = ("test", "val")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +29,26 @@ class DataSettings:
     name: str | None = None
     # tfds: root of the prepared datasets (None: tfds's default, ~/tensorflow_datasets or $TFDS_DATA_DIR).
     data_dir: str | None = None
-    # folder: the directory holding train/ and val/ (or test/), each with one folder per class.
+    # folder: the directory holding train/ and val/ (or test/), each with one folder per class; with
+    # train/ alone the test split is carved from it (test_fraction).
     path: str | None = None
     # tfds: split names (any tfds split string, e.g. "train[:90%]"); folder: subfolder names.
     train_split: str = "train"
-    # None: "test" for tfds; for a folder "val", or "test" where there is no val/.
+    # The test split. None: "test" for tfds; for a folder "val", or "test" where there is no val/.
     eval_split: str | None = None
-    # digits: share of the 1797 images held out for eval (stratified, always the same split).
+    # digits, and a folder with only train/: share of the examples held out as the test split
+    # (stratified, always the same examples, whatever split_seed).
     test_fraction: float = 0.2
+    # Share of the train split held out as a validation split, stratified: of each class's n training
+    # examples round(val_fraction * n) (halves up), drawn with split_seed. 0: no validation split.
+    # A class it would leave without a validation or a training example is an error.
+    val_fraction: float = 0.0
+    # The seed of the validation draw: another split_seed, other validation examples (never other test ones).
+    split_seed: int = 0
+    # The split runs are scored on: "test", the source's held-out split (tfds eval_split, the folder's
+    # val/ or test/, the test_fraction carve); "val", the validation split (val_fraction > 0). Validation
+    # examples are never trained on: with val_fraction = 0 training uses the whole train split.
+    evaluate_on: str = "test"
     # Side of the square images the model sees (None: the model's ModelInfo.input_size). Eval images
     # (and train images with augment="none") are the image's largest central square resized to it
     # (`transforms.central_crop`): nothing is cropped away, and a square image is simply resized.
@@ -95,6 +109,17 @@ class DataSettings:
                             f"{', '.join(AUGMENTATIONS)}")
         if not 0 < self.test_fraction < 1:
             raise DataError(f"config.data.test_fraction={self.test_fraction}; it must lie in (0, 1)")
+        if not _number(self.val_fraction) or not 0 <= self.val_fraction < 1:
+            raise DataError(f"config.data.val_fraction={self.val_fraction!r}; it must lie in [0, 1) "
+                            "(0: no validation split)")
+        seed = self.split_seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise DataError(f"config.data.split_seed={self.split_seed!r}; it must be an integer >= 0")
+        if self.evaluate_on not in EVALUATE_ON:
+            raise DataError(f"config.data.evaluate_on={self.evaluate_on!r}; choose one of {', '.join(EVALUATE_ON)}")
+        if self.evaluate_on == "val" and not self.val_fraction:
+            raise DataError('config.data.evaluate_on="val" needs a validation split; set config.data.val_fraction, '
+                            "e.g. 0.1")
         if self.image_size is not None and self.image_size < 1:
             raise DataError(f"config.data.image_size={self.image_size}; it must be positive, or None "
                             "for the model's input size")
@@ -114,6 +139,10 @@ class DataSettings:
                                 "0.2 to 1 are usual)")
         if self.num_threads < 0 or self.num_workers < 0:
             raise DataError("config.data.num_threads and num_workers must be >= 0")
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _channels(values, low: float) -> bool:
