@@ -83,15 +83,15 @@ def _markdown(groups: list[dict], fields: list[str], sweep_dir: Path) -> str:
         accuracy, spread = _mean(runs, "eval_accuracy"), _std(runs, "eval_accuracy")
         cells = [*(str(group["values"][key]) for key in keys),
                  "—" if accuracy is None else f"{accuracy:.4f}" + ("" if spread is None else f" ± {spread:.4f}"),
-                 _or_dash(_mean(runs, "trainable_parameters"), lambda v: f"{v:,.0f}"),
-                 _or_dash(_mean(runs, "optimizer_state_bytes"), _bytes),
-                 _or_dash(_mean(runs, "seconds_per_step"), lambda v: f"{v:.3f}"),
-                 _or_dash(_mean(runs, "wall_seconds"), lambda v: f"{v:.0f} s")]
+                 or_dash(_mean(runs, "trainable_parameters"), lambda v: f"{v:,.0f}"),
+                 or_dash(_mean(runs, "optimizer_state_bytes"), _bytes),
+                 or_dash(_mean(runs, "seconds_per_step"), lambda v: f"{v:.3f}"),
+                 or_dash(_mean(runs, "wall_seconds"), lambda v: f"{v:.0f} s")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _or_dash(value, formatted) -> str:
+def or_dash(value, formatted) -> str:
     return "—" if value is None else formatted(value)
 
 
