@@ -57,6 +57,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from xfer import cli
+from xfer.experiments import dispatch
 
 log = logging.getLogger("xfer")
 
@@ -68,7 +69,8 @@ class SweepError(ValueError):
 
 
 ARM = "arm"  # config.sweep.arm: names of config.arms entries
-_GRID_FIELDS = ("sweep", "arms")  # the grid's own fields: no run's config field
+# The grid's own fields, no run's config field (xfer.training.workdir leaves them out of config.json).
+_GRID_FIELDS = ("sweep", "arms", "search", "final")
 
 
 class Run(NamedTuple):
@@ -78,20 +80,24 @@ class Run(NamedTuple):
     settings: dict[str, Any]  # {dotted config field: value} the run sets: `values` with its arm's fields
 
 
-def grid(config: ml_collections.ConfigDict) -> list[Run]:
-    """Every combination of `config.sweep`'s values, checked: raises SweepError before anything runs."""
+def grid(config: ml_collections.ConfigDict, only_arms: Sequence[str] | None = None) -> list[Run]:
+    """Every combination of `config.sweep`'s values (of its arms, only `only_arms` when given), checked:
+    raises SweepError before anything runs."""
     if "sweep" not in config:
         raise SweepError("the config has no `sweep` field; add config.sweep = {field: (values, ...)}, "
-                         "e.g. configs/ablate_freeze.py")
+                         "or config.search for the protocol (xfer.experiments.protocol, configs/ablate_freeze.py)")
     fields = _fields(config.sweep, "")
     if not fields:
         raise SweepError("config.sweep is empty; give it at least one field and its values")
+    if only_arms:
+        fields = _only_arms(fields, only_arms)
     arms = _arms(config, fields)
     runs = []
     for combination in itertools.product(*(values for _, values in fields)):
         values = {path: value for (path, _), value in zip(fields, combination)}
-        settings = {**arms.get(values.get(ARM), {}), **{path: v for path, v in values.items() if path != ARM}}
-        runs.append(Run(run_name(values), values, _with_values(config, settings), settings))
+        arm, swept = values.get(ARM), {path: v for path, v in values.items() if path != ARM}
+        run_config = with_values(with_values(config, arms.get(arm, {}), f"config.arms.{arm}"), swept)
+        runs.append(Run(run_name(values), values, run_config, {**arms.get(arm, {}), **swept}))
     names = [run.name for run in runs]
     clash = next((name for name in names if names.count(name) > 1), None)
     if clash:
@@ -118,23 +124,20 @@ def check(runs: Sequence[Run], sweep_dir: Path) -> None:
             raise SweepError(f"run {run.name}: {error}") from None
 
 
-def run_all(runs: Sequence[Run], sweep_dir: Path) -> bool:
-    """Trains the runs one after another, skipping finished ones (summary.json present).
+def run_all(runs: Sequence[Run], sweep_dir: Path, executor: dispatch.Executor) -> bool:
+    """Trains the runs that have not finished (no summary.json) through `executor`.
 
     False when a preemption notice stopped a run (`xfer.scaling.preemption`): it saved
     where it was, and the same command resumes it.
     """
-    from xfer.training import train
-
-    for index, run in enumerate(runs, start=1):
-        workdir = sweep_dir / run.name
-        if (workdir / SUMMARY_FILE).exists():
-            log.info("sweep run %d/%d %s: finished, skipped", index, len(runs), run.name)
-            continue
-        log.info("sweep run %d/%d %s", index, len(runs), run.name)
-        if train.run(run.config, workdir) is None:
-            log.info("sweep stopped by a preemption notice during %s; rerun the same command to resume", run.name)
-            return False
+    missing = [run for run in runs if not (sweep_dir / run.name / SUMMARY_FILE).exists()]
+    if len(missing) < len(runs):
+        log.info("sweep: %d of %d runs finished before, skipped", len(runs) - len(missing), len(runs))
+    tasks = [dispatch.Task(f"sweep run {run.name}", dispatch.train_run, (run.config, str(sweep_dir / run.name)))
+             for run in missing]
+    if not executor.run(tasks):
+        log.info("sweep stopped by a preemption notice; rerun the same command to resume")
+        return False
     return True
 
 
@@ -170,6 +173,23 @@ def _fields(node: ml_collections.ConfigDict, prefix: str, singles: bool = False)
     return fields
 
 
+def arm_settings(arm: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{dotted field: value} of one arm, nested as the config is."""
+    return dict(_fields(arm, "", singles=True))
+
+
+def _only_arms(fields: list[tuple[str, tuple]], only: Sequence[str]) -> list[tuple[str, tuple]]:
+    """`fields` with config.sweep.arm restricted to `only` (--arms)."""
+    named = next((values for path, values in fields if path == ARM), None)
+    if named is None:
+        raise SweepError("--arms restricts config.sweep.arm, which this config does not sweep; drop --arms")
+    unknown = [arm for arm in only if arm not in named]
+    if unknown:
+        raise SweepError(f"--arms names {', '.join(unknown)}, which config.sweep.arm does not list; pick from "
+                         f"{', '.join(named)}")
+    return [(path, tuple(v for v in values if v in only) if path == ARM else values) for path, values in fields]
+
+
 def _arms(config: ml_collections.ConfigDict, fields: list[tuple[str, tuple]]) -> dict[str, dict[str, Any]]:
     """{arm: {dotted field: value}} of the arms `config.sweep.arm` names, checked."""
     named = next((values for path, values in fields if path == ARM), ())
@@ -183,7 +203,7 @@ def _arms(config: ml_collections.ConfigDict, fields: list[tuple[str, tuple]]) ->
     swept = {path for path, _ in fields} - {ARM}
     arms = {}
     for name in named:
-        settings = dict(_fields(defined[name], "", singles=True))
+        settings = arm_settings(defined[name])
         clash = sorted(swept & set(settings))
         if clash:
             raise SweepError(f"config.arms.{name} sets {clash[0]}, which config.sweep also sweeps; set it in one "
@@ -192,8 +212,10 @@ def _arms(config: ml_collections.ConfigDict, fields: list[tuple[str, tuple]]) ->
     return arms
 
 
-def _with_values(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of `config` with each dotted field set, through ml_collections' own type checks."""
+def with_values(config: ml_collections.ConfigDict, values: dict[str, Any],
+                source: str = "config.sweep") -> ml_collections.ConfigDict:
+    """A copy of `config` with each dotted field set, through ml_collections' own type checks; errors
+    name the field as `source`.<field>."""
     run_config = config.copy_and_resolve_references()
     for path, value in values.items():
         parent, _, field = path.rpartition(".")
@@ -201,12 +223,12 @@ def _with_values(config: ml_collections.ConfigDict, values: dict[str, Any]) -> m
         for part in filter(None, parent.split(".")):
             node = node[part] if isinstance(node, ml_collections.ConfigDict) and part in node else None
         if not isinstance(node, ml_collections.ConfigDict) or field not in node or path.split(".")[0] in _GRID_FIELDS:
-            raise SweepError(f"config.sweep.{path}: the config has no field {path}; sweep one of its fields "
+            raise SweepError(f"{source}.{path}: the config has no field {path}; name one of its fields "
                              f"({', '.join(k for k in config.keys() if k not in _GRID_FIELDS)}, or a nested one)")
         try:
             node[field] = value
         except (TypeError, ValueError):
-            raise SweepError(f"config.sweep.{path}: value {value!r} is of type {type(value).__name__}, config.{path} "
+            raise SweepError(f"{source}.{path}: value {value!r} is of type {type(value).__name__}, config.{path} "
                              f"of type {type(node[field]).__name__}; give values of its type") from None
     return run_config
 
@@ -234,16 +256,16 @@ def _config_overrides(argv: Sequence[str]) -> list[str]:
     return overrides
 
 
-def _choose_xla_flags(runs: Sequence[Run]) -> None:
+def _choose_xla_flags(configs: Sequence[ml_collections.ConfigDict]) -> None:
     """One process runs every run: the models' XLA flags (xfer.training.xla_flags) only where every
     run's model asks for the same."""
     from xfer import models
     from xfer.training import xla_flags
 
     wanted = set()
-    for run in runs:
+    for config in configs:
         try:
-            wanted.add(models.info(run.config.model.name).cpu_xla_flags)
+            wanted.add(models.info(config.model.name).cpu_xla_flags)
         except ValueError:
             return  # an unknown model: `check` names it
     xla_flags.apply(wanted.pop() if len(wanted) == 1 else ())
@@ -255,11 +277,24 @@ def _main() -> None:
 
     preemption.stop_on_interrupt()  # first: from here on a Ctrl-C is one line and exit 130, no traceback
     config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Path to a config with a `sweep` field, e.g. configs/ablate_freeze.py.", lock_config=True)
+        "config", None, "Path to a config with a `sweep` field (a grid) or a `search` field (the protocol of "
+        "xfer.experiments.protocol), e.g. configs/ablate_freeze.py.", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", None, "Directory that gets one workdir per run and the results "
                                        "(default: runs/sweeps/<config name>[,<config argument>]).")
     print_commands_flag = flags.DEFINE_bool(
-        "print_commands", False, "Print one launch.py command per run instead of running them.")
+        "print_commands", False, "Print one command per run (protocol: per search worker, then per final run) "
+        "instead of running them; rerun without it to collect the table.")
+    executor_flag = flags.DEFINE_enum("executor", "inline", dispatch.EXECUTORS,
+                                      "Where runs execute: this process, local processes or SLURM jobs (submitit).")
+    arms_flag = flags.DEFINE_list("arms", None, "Only these arms (config.arms names), e.g. linear_probe,full.")
+    stage_flag = flags.DEFINE_enum("stage", "all", ("all", "search", "final"),
+                                   "Protocol only: run the search, the final runs and the report, or one stage.")
+    workers_flag = flags.DEFINE_integer("workers", 1, "Protocol only: search workers per arm, sharing its study.")
+    parallel_flag = flags.DEFINE_integer("parallel", 1, "local: jobs at once; slurm: the job array's parallelism.")
+    partition_flag = flags.DEFINE_string("slurm_partition", "", "slurm: the partition (default: the cluster's).")
+    gpus_flag = flags.DEFINE_integer("slurm_gpus", 0, "slurm: GPUs per job.")
+    time_flag = flags.DEFINE_integer("slurm_time", 60, "slurm: minutes per job; a job past it is requeued and resumes.")
+    cpus_flag = flags.DEFINE_integer("slurm_cpus", 8, "slurm: CPUs per job.")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
@@ -273,26 +308,51 @@ def _main() -> None:
         if workdir_flag.value is None:
             logging.info("sweep directory: %s (the default for this config; --workdir chooses another)", sweep_dir)
         sweep_dir = sweep_dir.expanduser().absolute()
+        config = config_flag.value
         try:
-            runs = grid(config_flag.value)
-            _choose_xla_flags(runs)  # before `check` starts the backend
-            check(runs, sweep_dir)
+            executor = dispatch.Executor(executor_flag.value, sweep_dir / "jobs", parallel_flag.value, {
+                "partition": partition_flag.value, "gpus": gpus_flag.value, "time": time_flag.value,
+                "cpus": cpus_flag.value})
+            if "search" in config:
+                from xfer.experiments import protocol as protocol_lib
+
+                protocol = protocol_lib.read(config, sweep_dir, arms_flag.value, stage_flag.value)
+                _choose_xla_flags([protocol_lib.search_config(config, protocol, arm, {}) for arm in protocol.arms])
+                protocol_lib.check(config, protocol)
+            else:
+                runs = grid(config, arms_flag.value)
+                _choose_xla_flags([run.config for run in runs])  # before `check` starts the backend
+                check(runs, sweep_dir)
             if print_commands_flag.value:
                 config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
-                print("\n".join(commands(runs, sweep_dir, config_arg, _config_overrides(sys.argv[1:]))))
+                overrides = _config_overrides(sys.argv[1:])
+                if "search" not in config:
+                    print("\n".join(commands(runs, sweep_dir, config_arg, overrides)))
+                elif not protocol_lib.searched(protocol):
+                    worker = ["python", "-m", "xfer.experiments.sweep", f"--config={config_arg}", *overrides,
+                              f"--workdir={sweep_dir}", "--stage=search"]  # one per arm, then rerun to go on
+                    print("\n".join(shlex.join([*worker, f"--arms={arm}"]) for arm in protocol.arms))
+                else:
+                    finals = protocol_lib.final_runs(config, protocol, protocol_lib.choose(protocol))
+                    print("\n".join(commands(finals, sweep_dir, config_arg, overrides)))
                 return
             import jax
+            import os
 
             from xfer.experiments import ablation
             from xfer.training import workdir
 
             if not jax.config.jax_compilation_cache_dir:  # runs that differ in seed only compile once
+                os.environ["JAX_COMPILATION_CACHE_DIR"] = str(sweep_dir / "jax_cache")  # a job's too
                 jax.config.update("jax_compilation_cache_dir", str(sweep_dir / "jax_cache"))
             preemption.listen()
             with workdir.lock(sweep_dir):  # one sweep at a time; each run also locks its own workdir
-                if not run_all(runs, sweep_dir):
+                if "search" in config:
+                    done = protocol_lib.run(config, protocol, sweep_dir, executor, workers_flag.value, stage_flag.value)
+                elif (done := run_all(runs, sweep_dir, executor)):
+                    ablation.write(runs, sweep_dir)
+                if not done:
                     sys.exit(preemption.exit_code())  # stopped at a boundary: SIGTERM 0, Ctrl-C 130
-                ablation.write(runs, sweep_dir)
         except cli.USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

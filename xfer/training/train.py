@@ -50,6 +50,8 @@ from xfer.weights.initialise import initial_variables
 
 log = logging.getLogger("xfer")
 
+EXAMPLE_IDS_FILE = "example_ids.json"  # {"train": [ids], "eval": [ids], "eval_role": "val" | "test"}
+
 
 class NonFiniteLossError(ValueError):
     """Training diverged: a step's loss or gradients were not finite, under nan_policy 'stop'."""
@@ -108,11 +110,16 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                  step_options=step_lib.StepOptions.from_config(config))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
+def run(config: ml_collections.ConfigDict, workdir: str | Path,
+        on_eval: Callable[[int, dict], bool] | None = None) -> dict | None:
     """Trains (or resumes) the run `config` describes in `workdir`; returns the summary.
 
     On a preemption notice (`xfer.scaling.preemption`) it saves the step it reached and
     returns None; the same call then resumes from there.
+
+    `on_eval(step, eval_metrics)` is called after each evaluation; True ends the run there, saved,
+    with `stopped_at_step` in its summary: how a hyperparameter search prunes a trial whose
+    intermediate accuracy is poor (`xfer.experiments.protocol`).
     """
     started = time.perf_counter()
     workdir = Path(workdir).expanduser().absolute()
@@ -127,6 +134,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
         resuming = workdir_lib.check(workdir, config_json)  # again, now that no other run can claim it
         if is_writer:
             workdir_lib.claim(workdir, config_json)
+            # Which examples trained and which evaluated: a protocol proves no test example reached a search.
+            (workdir / EXAMPLE_IDS_FILE).write_text(json.dumps(run_setup.data.example_ids()) + "\n")
         variables = initial_variables(run_setup.model, config.model.name, run_setup.init, run_setup.data.image_size,
                                       config.seed, config.head_zero_init)
         state = step_lib.create_state(variables, run_setup.phases[0].optimizer(), config.seed, run_setup.step_options)
@@ -144,12 +153,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
                          f"\n  {phase.describe()}" for phase in run_setup.phases if len(run_setup.phases) > 1))
             try:
                 ended = _loop(run_setup, state, data_state, start, steps, ckpt, reporter, mesh, config_json, chrono,
-                              workdir)
+                              workdir, on_eval)
             finally:
                 reporter.close()
         if ended is None:
             return None
-        state, eval_metrics, skipped, (eval_step, data) = ended
+        state, eval_metrics, skipped, (eval_step, data), stopped_at = ended
         if not eval_metrics:  # resumed a finished run: evaluate what it ended with
             eval_metrics = run_eval(eval_step, state, data, reporter, run_setup.total_steps)
         summary = {"model": config.model.name, "init": run_setup.init, "steps": run_setup.total_steps,
@@ -158,13 +167,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
                    "skipped_steps": skipped,  # non-finite steps left out under nan_policy 'skip', this process's
                    **{k: v for k, v in eval_metrics.items() if k != "per_class"},
                    # every attempt's, up to its last checkpoint; seconds_per_step is None before 2 steps ran
-                   **chrono.totals(state, run_setup.total_steps)}
+                   **chrono.totals(state, stopped_at or run_setup.total_steps)}
+        if stopped_at:
+            summary["stopped_at_step"] = stopped_at
         if len(run_setup.phases) > 1:
             summary["phases"] = [{"setting": phases_lib.spelled(phase.setting),
                                   "first_step": phase.start + 1, "last_step": phase.end,
                                   "trainable_parameters": phase.plan.trainable_parameters}
                                  for phase in run_setup.phases]
-        if config.wise_ft_alphas:  # the WiSE-FT curve from the initial to the final weights, recomputed on a resume
+        if config.wise_ft_alphas and not stopped_at:  # WiSE-FT from initial to final weights, again on a resume
             if len(set(run_setup.cuts)) > 1:  # a cut's prefix may have trained in another phase: use images
                 eval_step, data = step_lib.make_eval_step(run_setup.model, mesh, options=run_setup.step_options), \
                     run_setup.data
@@ -209,9 +220,10 @@ def _enter(phase: Phase, state, mesh):
 
 
 def _loop(run_setup: Setup, state, data_state, start: int, steps: tuple[Steps, ...], ckpt, reporter: Reporter,
-          mesh, config_json: dict, chrono: Chrono, workdir: Path):
+          mesh, config_json: dict, chrono: Chrono, workdir: Path, on_eval):
     """Steps start+1..total_steps, phase by phase: (state, last eval metrics, skipped steps, the last
-    phase's (eval step, data)), or None when a preemption notice stopped it (after saving)."""
+    (eval step, data), the step `on_eval` stopped at or None), or None when a preemption notice stopped
+    it (after saving)."""
     config, total_steps, phases = run_setup.config, run_setup.total_steps, run_setup.phases
     eval_metrics = {}
     unchecked = None  # (step, finite flag) of the newest step whose flag the host has not read
@@ -280,9 +292,12 @@ def _loop(run_setup: Setup, state, data_state, start: int, steps: tuple[Steps, .
                 lrs = {f"lr/{g}": lr for g, lr in optim.learning_rates(schedules, step - 1 - phase.start).items()}
                 skips = {"skipped_steps": skipped} if config.nan_policy == "skip" else {}
                 reporter.train(step, {**jax.device_get(metrics), **lrs, **skips})
+            stop = False
             if evaluated:
                 with chrono.paused(state):
                     eval_metrics = run_eval(phase_steps.eval, state, data, reporter, step)
+                stop = on_eval is not None and step < total_steps and bool(on_eval(step, eval_metrics))
+                saved = saved or stop
             if saved:
                 ranked = {k: v for k, v in eval_metrics.items() if isinstance(v, float)} if evaluated else None
                 with chrono.paused(state):
@@ -291,7 +306,11 @@ def _loop(run_setup: Setup, state, data_state, start: int, steps: tuple[Steps, .
                 ckpt.wait()  # the save is committed before the process may end
                 log.info("preempted at step %d; saved", step)
                 return None
-    return state, eval_metrics, skipped, (steps[-1].eval, data)
+            if stop:
+                ckpt.wait()
+                log.info("stopped at step %d of %d: its evaluation asked to stop (a pruned trial)", step, total_steps)
+                return state, eval_metrics, skipped, (phase_steps.eval, data), step
+    return state, eval_metrics, skipped, (steps[-1].eval, data), None
 
 
 def _compile(run_setup: Setup, mesh) -> tuple[Steps, ...]:

@@ -43,11 +43,11 @@ class WorkdirError(ValueError):
 def config_as_json(config) -> dict:
     """The config as plain JSON data: what is saved, and compared on resume.
 
-    The `sweep` and `arms` fields (the grid of an ablation config, xfer.experiments.sweep) are
-    left out: they say which runs exist, not what this run is, so a run launched alone and the
-    same run inside a sweep share their workdir.
+    The `sweep`, `arms`, `search` and `final` fields (the grid or protocol of an ablation config,
+    xfer.experiments.sweep and .protocol) are left out: they say which runs exist, not what this run
+    is, so a run launched alone and the same run inside a sweep share their workdir.
     """
-    grid_fields = ("sweep", "arms")
+    grid_fields = ("sweep", "arms", "search", "final")
     return {k: v for k, v in json.loads(config.to_json_best_effort(sort_keys=True)).items() if k not in grid_fields}
 
 
