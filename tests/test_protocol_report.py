@@ -54,7 +54,10 @@ def _inputs():
     protocol = {"val_fraction": 0.1, "split_seed": 7, "sampler": "tpe", "pruner": "median",
                 "trials": 2, "search_seed": 0, "final_seeds": SEEDS, "train_on": "train+val",
                 "baseline": "linear_probe", "confidence": 0.95, "storage": "sqlite:///study.db",
-                "data": "digits, 32 px"}
+                "data": "digits, 32 px",
+                "spaces": {"linear_probe": {"optim.head.lr": [0.001, 0.01, 0.1]},
+                           "full": {"optim.head.lr": [0.01, 0.1], "optim.backbone.lr": [0.0001, 0.001, 0.01]},
+                           "lp_ft": {"optim.head.lr": [0.01, 0.3], "optim.backbone.lr": [1e-4, 3e-3]}}}
     chosen = {
         "linear_probe": {"params": best["linear_probe"], "val_accuracy": 0.81, "trial": 1,
                          "complete": 2, "pruned": 0, "failed": 0},
@@ -199,3 +202,15 @@ def test_a_seed_finished_twice_is_refused(tmp_path):
     rows.append(dict(rows[-2]))  # lp_ft seed 1, complete
     with pytest.raises(ValueError, match="two finished final runs"):
         protocol_report.write(rows, protocol, chosen, tmp_path)
+
+
+def test_a_choice_at_an_end_of_its_search_is_flagged(written):
+    """A best value at an end of what was tried may be beaten beyond it: the arm may be under-tuned."""
+    sweep_dir, _ = written
+    edges = [line for line in (sweep_dir / "results.md").read_text().splitlines() if line.startswith("- Edge: ")]
+    assert edges == [
+        "- Edge: full's optim.head.lr=0.01 is at an end of its search (0.01..0.1); its best may lie beyond: "
+        "widen the space before concluding against it.",
+        "- Edge: lp_ft's optim.head.lr=0.01 is at an end of its search (0.01..0.3); its best may lie beyond: "
+        "widen the space before concluding against it.",
+    ]  # linear_probe's 0.01 and full's and lp_ft's backbone rates lie inside their ranges

@@ -1,8 +1,11 @@
-"""The ablation sweep: the grid, its checks, printed commands that launch.py loads, and a real
-tiny sweep that is killed, rerun, and finishes without redoing a finished run.
+"""The ablation sweep's grid mode: the grid, its checks, printed commands that launch.py loads, and
+real tiny sweeps: one killed, rerun, and finished without redoing a finished run; one run by
+submitit's local executor.
 
-The real sweep is Lite0 on digits at 32 px, 2 presets x 1 seed, 3 steps a run, through the
-command line (`python -m xfer.experiments.sweep`) in subprocesses that share a JAX compilation cache.
+The grid is tests/grid_config.py (configs/ablate_freeze.py's masks x seeds, without its protocol);
+the protocol mode is tests/test_protocol.py's. The real sweeps are Lite0 on digits at 32 px, 2 runs
+of 3 steps, through the command line (`python -m xfer.experiments.sweep`) in subprocesses that share
+a JAX compilation cache.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from xfer.experiments import sweep
 from xfer.training import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = "configs/ablate_freeze.py"
+CONFIG = "tests/grid_config.py"  # configs/ablate_freeze.py as a plain grid
 TINY = ("--config.total_steps=3", "--config.batch_size=16", "--config.log_every=1",
         "--config.optim.backbone.warmup_steps=0", "--config.sweep.partition=('linear_probe', 'last_k:1')",
         "--config.sweep.seed=(0,)")
@@ -78,14 +81,47 @@ def test_arms_set_several_fields_at_once_and_cross_with_the_other_swept_fields()
 
 
 def test_the_methods_ablation_sets_up_every_arm(tmp_path):
+    """configs/ablate_methods.py is a protocol config: every arm's search and final runs set up, at
+    both ends of its search space, and each arm carries its own fields into its runs."""
+    from xfer.experiments import protocol as protocol_lib
+
     config = runpy.run_path(str(REPO / "configs/ablate_methods.py"))["get_config"]("")
     config.lock()
-    runs = sweep.grid(config)
-    sweep.check(runs, tmp_path / "sweep")
-    assert [run.values["arm"] for run in runs[::2]] == ["linear_probe", "norm_only", "full", "full_low_lr", "lp_ft",
-                                                       "gradual", "layer_decay"]
-    assert runs[4].config.wise_ft_alphas == (0.0, 0.25, 0.5, 0.75, 1.0) and runs[0].config.wise_ft_alphas == ()
-    assert runs[-1].config.optim.backbone.layer_decay == 0.7
+    protocol = protocol_lib.read(config, tmp_path / "sweep")
+    protocol_lib.check(config, protocol)
+    # A ConfigDict keeps its keys sorted: so do the arms.
+    assert list(protocol.arms) == ["full", "gradual", "last_k3", "layer_decay", "linear_probe", "lp_ft", "norm_only"]
+    assert protocol.baseline == "linear_probe" and protocol.trials == {**dict.fromkeys(protocol.arms, 4), "lp_ft": 3}
+    assert protocol.spaces["linear_probe"] == {"optim.head.lr": protocol_lib.Categorical((1e-4, 1e-3, 1e-2, 1e-1))}
+    assert protocol.spaces["lp_ft"] == {"optim.backbone.lr": protocol_lib.Categorical((1e-4, 1e-3, 1e-2))}
+    full = protocol_lib.final_config(config, protocol, "full", {"optim.backbone.lr": 1e-5}, seed=2)
+    assert (full.wise_ft_alphas, full.optim.backbone.lr, full.seed, full.data.evaluate_on) == (
+        (0.0, 0.25, 0.5, 0.75, 1.0), 1e-5, 2, "test")
+    search = protocol_lib.search_config(config, protocol, "layer_decay", {"optim.backbone.lr": 1e-3})
+    assert (search.optim.backbone.layer_decay, search.partition, search.data.evaluate_on) == (0.7, "full", "val")
+    assert protocol_lib.search_config(config, protocol, "linear_probe", {}).wise_ft_alphas == ()
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_arms_restricts_the_grids_arms_and_names_what_it_cannot_restrict():
+    config = ablate_config()
+    with config.unlocked():
+        config.arms = ml_collections.ConfigDict({"lp": {"partition": "linear_probe"}, "full": {"partition": "full"},
+                                                 "bias": {"partition": "bias_only"}})
+        config.sweep = ml_collections.ConfigDict({"arm": ("lp", "full", "bias"), "seed": (0, 1)})
+    runs = sweep.grid(config, ["bias", "lp"])
+    assert [run.name for run in runs] == ["arm=lp,seed=0", "arm=lp,seed=1", "arm=bias,seed=0", "arm=bias,seed=1"]
+    assert [run.config.partition for run in runs] == ["linear_probe", "linear_probe", "bias_only", "bias_only"]
+    assert len(sweep.grid(config)) == len(sweep.grid(config, None)) == 6
+    with pytest.raises(sweep.SweepError, match=re.escape(
+            "--arms names lp_ft, which config.sweep.arm does not list; pick from lp, full, bias")) as error:
+        sweep.grid(config, ["lp", "lp_ft"])
+    assert "\n" not in str(error.value)
+    with config.unlocked():
+        config.sweep = ml_collections.ConfigDict({"partition": ("full",), "seed": (0,)})
+    with pytest.raises(sweep.SweepError, match=re.escape(
+            "--arms restricts config.sweep.arm, which this config does not sweep; drop --arms")):
+        sweep.grid(config, ["full"])
 
 
 @pytest.mark.parametrize("arms, swept, message", [
@@ -181,10 +217,10 @@ def test_without_workdir_a_sweep_goes_to_runs_sweeps_named_by_its_config(tmp_pat
     result = subprocess.run([sys.executable, "-m", "xfer.experiments.sweep", f"--config={REPO / CONFIG}:res=16",
                              "--print_commands"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "sweep directory: runs/sweeps/ablate_freeze,res=16 (the default" in result.stderr
+    assert "sweep directory: runs/sweeps/grid_config,res=16 (the default" in result.stderr
     workdirs = {launch_py_flags(shlex.split(command)[1:])[1] for command in result.stdout.strip().splitlines()}
     assert workdirs and {str(Path(w).parent) for w in workdirs} == {
-        str(tmp_path / "runs" / "sweeps" / "ablate_freeze,res=16")}
+        str(tmp_path / "runs" / "sweeps" / "grid_config,res=16")}
 
 
 def launch_py_flags(argv: list[str]):
@@ -219,22 +255,24 @@ def env(tmp_path_factory):
 def test_killed_sweep_reruns_only_what_is_missing_and_writes_the_results(tmp_path, env):
     workdir = tmp_path / "sweep"
     first_summary = workdir / RUNS[0] / "summary.json"
-    killed = subprocess.Popen([*sweep_command(*TINY), f"--workdir={workdir}"], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed_log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the run
+    with open(killed_log, "w") as log:
+        killed = subprocess.Popen([*sweep_command(*TINY), f"--workdir={workdir}"], cwd=REPO, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 400
     while not first_summary.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     killed.send_signal(signal.SIGKILL)
-    killed_log = killed.communicate()[1]
-    assert first_summary.exists(), killed_log[-3000:]
+    killed.wait()
+    assert first_summary.exists(), killed_log.read_text()[-3000:]
     assert not (workdir / RUNS[1] / "summary.json").exists()
     finished = {path: path.stat().st_mtime_ns for path in (workdir / RUNS[0]).rglob("*") if path.is_file()}
 
     rerun = subprocess.run([*sweep_command(*TINY), f"--workdir={workdir}"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"sweep run 1/2 {RUNS[0]}: finished, skipped" in rerun.stderr
-    assert f"sweep run 2/2 {RUNS[1]}\n" in rerun.stderr
+    assert "sweep: 1 of 2 runs finished before, skipped" in rerun.stderr
+    assert f"task 1/1: sweep run {RUNS[1]}\n" in rerun.stderr
     assert {path: path.stat().st_mtime_ns for path in (workdir / RUNS[0]).rglob("*") if path.is_file()} == finished
 
     with open(workdir / "results.csv") as f:
@@ -248,4 +286,28 @@ def test_killed_sweep_reruns_only_what_is_missing_and_writes_the_results(tmp_pat
     table = (workdir / "results.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in table if line.startswith("| ")] == [
         "| partition", "| linear_probe", "| last_k:1"]
+    assert (workdir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_local_executor_runs_a_two_run_sweep_and_the_table_is_collected(tmp_path, env):
+    """submitit's local executor: each run a process of its own (two at once), the table collected
+    from their workdirs by the command that dispatched them."""
+    workdir = tmp_path / "sweep"
+    runs = ("partition=linear_probe,seed=0", "partition=linear_probe,seed=1")
+    args = (*TINY[:4], "--config.sweep.partition=('linear_probe',)", "--config.sweep.seed=(0, 1)")
+    result = subprocess.run([*sweep_command(*args), f"--workdir={workdir}", "--executor=local", "--parallel=2"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = re.findall(r"job (\S+): sweep run (\S+) \(log (\S+)\)", result.stderr)
+    assert sorted(name for _, name, _ in jobs) == list(runs), result.stderr[-3000:]
+    assert len({job for job, _, _ in jobs}) == 2
+    for _, name, log in jobs:  # each job's own log, under the sweep's jobs/ folder
+        assert Path(log).is_relative_to(workdir / "jobs") and "done: " in Path(log).read_text()
+    assert all((workdir / name / "summary.json").exists() for name in runs)
+    with open(workdir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["partition"], row["seed"]) for row in rows] == [("linear_probe", "0"), ("linear_probe", "1")]
+    assert all(0 <= float(row["eval_accuracy"]) <= 1 for row in rows)
+    table = (workdir / "results.md").read_text()
+    assert "| linear_probe" in table
     assert (workdir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

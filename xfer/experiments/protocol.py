@@ -53,16 +53,19 @@ from their checkpoints. So after a kill the same command does only what is missi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import ml_collections
 
 from xfer.experiments import sweep
+from xfer.training import workdir as workdir_lib  # JAX-free
 
 log = logging.getLogger("xfer")
 
@@ -91,7 +94,7 @@ class Range(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    arms: dict[str, dict[str, Any]]  # {arm: {dotted field: value}} of the arms to run, in config order
+    arms: dict[str, dict[str, Any]]  # {arm: {dotted field: value}} of the arms to run, by name (ConfigDict's order)
     spaces: dict[str, dict[str, Categorical | Range]]  # {arm: {dotted field: what to try}}
     val_fraction: float
     split_seed: int
@@ -103,13 +106,19 @@ class Protocol:
     final_seeds: tuple[int, ...]
     train_on: str
     baseline: str
+    # {arm: its optuna study's name}: the arm and a digest of what its trials mean (its search runs' config,
+    # its space, sampler and pruner), so a changed search is a new study; runs of values trained before
+    # are read back from their workdirs, not retrained.
+    studies: dict[str, str]
 
     def summary(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
         """What results.md states (`xfer.experiments.protocol_report`)."""
         return {"val_fraction": self.val_fraction, "split_seed": self.split_seed, "sampler": self.sampler,
                 "pruner": self.pruner, "trials": max(self.trials.values()), "search_seed": self.search_seed,
                 "final_seeds": list(self.final_seeds), "train_on": self.train_on, "baseline": self.baseline,
-                "confidence": 0.95, "storage": self.storage, "data": _describe_data(config)}
+                "confidence": 0.95, "storage": self.storage, "data": _describe_data(config),
+                "spaces": {arm: {path: list(param.values) if isinstance(param, Categorical) else [param.low, param.high]
+                                 for path, param in space.items()} for arm, space in self.spaces.items()}}
 
 
 def read(config: ml_collections.ConfigDict, sweep_dir: Path, arms: list[str] | None = None,
@@ -129,7 +138,15 @@ def read(config: ml_collections.ConfigDict, sweep_dir: Path, arms: list[str] | N
             raise ProtocolError(f"--arms names {', '.join(unknown)}, which config.arms does not define; pick from "
                                 f"{', '.join(defined)}")
         names = [arm for arm in names if arm in arms]
-    baseline = final.get("baseline", "") or names[0]
+    baseline = final.get("baseline", "")
+    if not baseline:
+        raise ProtocolError("config.final.baseline is not set; name the arm every other arm is compared with, "
+                            "e.g. 'linear_probe'")
+    for field, unset in (("val_fraction", 0.0), ("evaluate_on", "test")):
+        if config.data.get(field, unset) != unset:
+            raise ProtocolError(f"config.data.{field}={config.data[field]!r}, but the protocol sets it in every run "
+                                "(search: the config.search.val_fraction carve, scored on it; final: scored on test); "
+                                f"leave config.data.{field} at {unset!r} and set config.search.val_fraction")
     if baseline not in names and stage != "search":
         raise ProtocolError(f"config.final.baseline={baseline!r} is not among the arms run ({', '.join(names)}); "
                             "name one of them, or add it to --arms")
@@ -165,8 +182,9 @@ def read(config: ml_collections.ConfigDict, sweep_dir: Path, arms: list[str] | N
     if train_on not in TRAIN_ON:
         raise ProtocolError(f"config.final.train_on={train_on!r}; choose {' or '.join(map(repr, TRAIN_ON))}")
     storage = search.get("storage", "") or f"sqlite:///{sweep_dir / 'search.db'}"
-    return Protocol({arm: settings[arm] for arm in names}, spaces, val_fraction, search.get("split_seed", 0),
-                    sampler, trials, pruner, search.get("seed", 0), storage, seeds, train_on, baseline)
+    protocol = Protocol({arm: settings[arm] for arm in names}, spaces, val_fraction, search.get("split_seed", 0),
+                        sampler, trials, pruner, search.get("seed", 0), storage, seeds, train_on, baseline, {})
+    return dataclasses.replace(protocol, studies={arm: _study_name(config, protocol, arm) for arm in names})
 
 
 def search_config(config: ml_collections.ConfigDict, protocol: Protocol, arm: str,
@@ -284,7 +302,6 @@ def run(config: ml_collections.ConfigDict, protocol: Protocol, sweep_dir: Path, 
     """The search, the final runs and the report (or only `stage`), each through `executor`
     (`xfer.experiments.dispatch`); False if a preemption notice stopped a run."""
     from xfer.experiments import dispatch, protocol_report
-    from xfer.training import workdir as workdir_lib
 
     if stage in ("all", "search"):
         tasks = [dispatch.Task(f"search {arm}, worker {worker}", search_worker, (config, str(sweep_dir), arm, worker))
@@ -395,15 +412,17 @@ class _Objective:
         params = {path: _suggest(trial, path, param) for path, param in self.protocol.spaces[self.arm].items()}
         workdir = f"search/{self.arm}/{sweep.run_name(params) or 'default'}"
         trial.set_user_attr("workdir", workdir)
-        summary = _summary(self.sweep_dir / workdir)  # the same values ran before (a retried trial, a duplicate)
-        if summary is None:
+        run_config = search_config(self.config, self.protocol, self.arm, params)
+        summary = _summary(self.sweep_dir / workdir)  # the same values ran before (a retried trial, a widened space)
+        if summary is not None:  # read back only if it is this run: the same config
+            workdir_lib.check(self.sweep_dir / workdir, workdir_lib.config_as_json(run_config))
+        else:
             def on_eval(step: int, metrics: dict) -> bool:
                 trial.report(metrics["eval_accuracy"], step)
                 return trial.should_prune()
 
             try:
-                summary = train.run(search_config(self.config, self.protocol, self.arm, params),
-                                    self.sweep_dir / workdir, on_eval=on_eval)
+                summary = train.run(run_config, self.sweep_dir / workdir, on_eval=on_eval)
             except train.NonFiniteLossError as error:
                 trial.set_user_attr("diverged", str(error))
                 raise optuna.TrialPruned(str(error)) from None
@@ -421,7 +440,7 @@ def _study(protocol: Protocol, arm: str, seed: int | None = None):
     engine = {"connect_args": {"timeout": _SQLITE_TIMEOUT_SECONDS}} if protocol.storage.startswith("sqlite") else {}
     storage = optuna.storages.RDBStorage(
         protocol.storage, engine_kwargs=engine, heartbeat_interval=_HEARTBEAT_SECONDS,
-        grace_period=3 * _HEARTBEAT_SECONDS, failed_trial_callback=optuna.storages.RetryFailedTrialCallback(None))
+        grace_period=3 * _HEARTBEAT_SECONDS, heartbeat_stale_trial_callback=_retry())
     seed = protocol.search_seed if seed is None else seed
     space = protocol.spaces[arm]
     if protocol.sampler == "grid":
@@ -434,18 +453,34 @@ def _study(protocol: Protocol, arm: str, seed: int | None = None):
     pruner = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
               "hyperband": optuna.pruners.HyperbandPruner}[protocol.pruner]()
-    return optuna.create_study(storage=storage, study_name=arm, sampler=sampler, pruner=pruner,
+    return optuna.create_study(storage=storage, study_name=protocol.studies[arm], sampler=sampler, pruner=pruner,
                                direction="maximize", load_if_exists=True)
+
+
+def _retry():
+    """optuna's hand-back: a new trial with a dead or failed trial's values and its evaluations so far
+    (for the pruner), marked with the trial it retries; GridSampler counts it as that grid point."""
+    import optuna
+
+    return optuna.storages.RetryHeartbeatStaleTrialCallback(None, inherit_intermediate_values=True)
+
+
+def _study_name(config, protocol: Protocol, arm: str) -> str:
+    what = {"run": workdir_lib.config_as_json(search_config(config, protocol, arm, {})),
+            "space": repr(protocol.spaces[arm]), "sampler": protocol.sampler, "pruner": protocol.pruner,
+            "seed": protocol.search_seed}
+    return f"{arm}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
 def _hand_back(study) -> None:
     """Trials whose worker died (on this machine: its process is gone) or that failed come back as new
-    trials with the same values (optuna's RetryFailedTrialCallback, which GridSampler honours); their
-    runs resume from their checkpoints. Workers elsewhere are judged by optuna's heartbeat."""
+    trials with the same values (`_retry`); their runs resume from their checkpoints. Workers elsewhere
+    are judged by optuna's heartbeat."""
     import optuna
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat API: stable since 3.0
     State = optuna.trial.TrialState
-    retry = optuna.storages.RetryFailedTrialCallback(None)
+    retry = _retry()
     storage = study._storage  # noqa: SLF001 -- optuna exposes trial state changes only on the storage
     optuna.storages.fail_stale_trials(study)  # heartbeats of other machines' dead workers
     trials = study.get_trials(deepcopy=False)

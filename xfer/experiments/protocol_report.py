@@ -177,7 +177,7 @@ def _markdown(rows: list[dict], protocol: dict, chosen: dict, arms: list[str], f
     lines = [f"# Ablation: {sweep_dir.name}", "", "## Protocol", "", _protocol_text(protocol), "",
              "## Chosen hyperparameters", "", *_chosen_table(arms, chosen, protocol), "",
              "## Final results (test split)", "", *_final_table(arms, finals, protocol), "",
-             "## Reading", "", *_reading(arms, finals, protocol), "",
+             "## Reading", "", *_reading(arms, finals, protocol), *_edges(arms, chosen, protocol), "",
              f"{len(rows)} runs in all ({sum(row['stage'] == 'search' for row in rows)} search, "
              f"{sum(row['stage'] == 'final' for row in rows)} final); per run, with its hyperparameters and "
              "work directory: results.csv."]
@@ -296,6 +296,21 @@ def _reading(arms: list[str], finals: dict, protocol: dict) -> list[str]:
                      f"use the {len(finals[arm]['by_seed'])} of {seeds} seeds that finished.")
     if not incomplete:
         lines.append(f"- Every arm finished all {seeds} final seeds.")
+    return lines
+
+
+def _edges(arms: list[str], chosen: dict, protocol: dict) -> list[str]:
+    """A chosen number at an end of what its search tried: the best may lie beyond, so the arm may be
+    under-tuned against the others (`protocol["spaces"]`: {arm: {field: values tried, or [low, high]}})."""
+    lines = []
+    for arm in arms:
+        tried = protocol.get("spaces", {}).get(arm, {})
+        for field, value in sorted((chosen.get(arm) or {}).get("params", {}).items()):
+            numbers = [v for v in tried.get(field, ()) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(numbers) >= 2 and value in (min(numbers), max(numbers)):
+                lines.append(f"- Edge: {arm}'s {field}={_value(value)} is at an end of its search "
+                             f"({_value(min(numbers))}..{_value(max(numbers))}); its best may lie beyond: widen "
+                             "the space before concluding against it.")
     return lines
 
 
