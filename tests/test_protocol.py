@@ -25,8 +25,7 @@ from pathlib import Path
 import ml_collections
 import optuna
 import pytest
-from absl import flags
-from ml_collections import config_flags
+from test_sweep import launch_py_flags  # launch.py's flags, as the grid's printed commands are checked
 
 from xfer.experiments import protocol as protocol_lib
 from xfer.experiments import sweep
@@ -240,16 +239,6 @@ def test_printed_commands_after_the_search_are_the_final_runs_as_launch_py_loads
         assert workdir_lib.config_as_json(launched) == workdir_lib.config_as_json(final.config)
         ran = json.loads((finished.sweep_dir / final.name / "config.json").read_text())
         assert ran == json.loads(json.dumps(workdir_lib.config_as_json(launched)))  # the command is the run that ran
-
-
-def launch_py_flags(argv: list[str]):
-    """The config and workdir that `argv` gives launch.py, through flags defined as launch.py defines them."""
-    flag_values = flags.FlagValues()
-    config = config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
-                                             sys_argv=argv)
-    workdir = flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
-    flag_values(argv)
-    return config.value, workdir.value
 
 
 # --- in-process ------------------------------------------------------------------------------------
