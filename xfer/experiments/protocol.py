@@ -238,6 +238,7 @@ def search_worker(config: ml_collections.ConfigDict, sweep_dir: str, arm: str, w
     import optuna
 
     sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite study lives there
     protocol = read(config, sweep_dir, [arm], stage="search")
     study = _study(protocol, arm, seed=protocol.search_seed + worker)
     _hand_back(study)

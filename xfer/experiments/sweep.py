@@ -1,6 +1,12 @@
-"""Ablation grids: every combination of a config's `sweep` values, run, resumed and tabled.
+"""The ablation command line, and its plain form: every combination of a config's `sweep` values.
 
     python -m xfer.experiments.sweep --config=configs/ablate_freeze.py --workdir=/tmp/xfer-ablate
+
+A config with `config.search` runs the protocol of `xfer.experiments.protocol` (arms tuned on a
+validation split, final seeds on test, confidence intervals); one with only `config.sweep` runs the
+grid described here, a quick look that reports on the split it runs on. Either way runs go through
+`--executor` (`xfer.experiments.dispatch`: inline, submitit's local processes, SLURM jobs) and
+`--arms` restricts the arms.
 
 `config.sweep` holds the values to try per config field, nested as the config is:
 
@@ -24,8 +30,7 @@ with the other swept fields like any value:
 Each combination is one run, in a workdir under --workdir (default
 `runs/sweeps/<config name>[,<config argument>]`) named by its values
 (`partition=last_k-2,seed=1`), fields in sorted order, the last varying fastest.
-Runs go one after another in this process through `xfer.training.train.run`, sharing
-compiled programs through JAX's persistent cache (`jax_cache/` there, unless
+Runs share compiled programs through JAX's persistent cache (`jax_cache/` there, unless
 JAX_COMPILATION_CACHE_DIR names another), so runs that differ only in seed
 compile once. A run whose summary.json exists is skipped and an interrupted one
 resumes (train.run does that by itself), so after a kill the same command
