@@ -438,6 +438,8 @@ def _study(protocol: Protocol, arm: str, seed: int | None = None):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The heartbeat and retry API is marked experimental, unchanged since optuna 3.0: no warning per study.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine = {"connect_args": {"timeout": _SQLITE_TIMEOUT_SECONDS}} if protocol.storage.startswith("sqlite") else {}
     storage = optuna.storages.RDBStorage(
         protocol.storage, engine_kwargs=engine, heartbeat_interval=_HEARTBEAT_SECONDS,
@@ -479,7 +481,6 @@ def _hand_back(study) -> None:
     are judged by optuna's heartbeat."""
     import optuna
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat API: stable since 3.0
     State = optuna.trial.TrialState
     retry = _retry()
     storage = study._storage  # noqa: SLF001 -- optuna exposes trial state changes only on the storage

@@ -134,8 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         resuming = workdir_lib.check(workdir, config_json)  # again, now that no other run can claim it
         if is_writer:
             workdir_lib.claim(workdir, config_json)
-            # Which examples trained and which evaluated: a protocol proves no test example reached a search.
-            (workdir / EXAMPLE_IDS_FILE).write_text(json.dumps(run_setup.data.example_ids()) + "\n")
+            _record_examples(workdir, run_setup.data)
         variables = initial_variables(run_setup.model, config.model.name, run_setup.init, run_setup.data.image_size,
                                       config.seed, config.head_zero_init)
         state = step_lib.create_state(variables, run_setup.phases[0].optimizer(), config.seed, run_setup.step_options)
@@ -183,6 +182,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path,
         reporter.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
     log.info("done: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return summary
+
+
+def _record_examples(workdir: Path, data: data_lib.Data) -> None:
+    """Which examples train and which evaluate (a protocol proves from them that no test example reached a
+    search); rewritten only when they changed, so resuming an existing run leaves its files as they were."""
+    path, text = workdir / EXAMPLE_IDS_FILE, json.dumps(data.example_ids()) + "\n"
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
 
 
 def _restore(ckpt, state, run_setup: Setup, mesh, started: float, warn_if_empty: bool, workdir: Path):
