@@ -16,6 +16,7 @@ worst is 5.8e-8 over outputs and the 98 running statistics (these stay float32 v
 """
 
 import copy
+import functools
 import re
 
 import jax
@@ -27,11 +28,11 @@ import torchvision
 from flax import traverse_util
 
 from xfer import models
-from xfer.learning import partition, presets
 from xfer.models import efficientnet
 from xfer.weights import convert, weight_map
 
 import torch_hooks
+import test_presets  # the presets as test_presets reads them: trainable paths per setting
 import torchvision_port
 
 NAME = "efficientnet_b0"
@@ -128,13 +129,8 @@ def test_new_head_is_fresh():
 
 
 def test_presets_build():
-    params = torchvision_port.variable_shapes(models.build(NAME, num_classes=10))["params"]
-    paths = [partition.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-    def trainable(setting):
-        labels = partition.labels(params, presets.expand(presets.parse(setting), NAME, params))
-        return {path for path, group in zip(paths, jax.tree.leaves(labels)) if group != partition.FROZEN}
-
+    trainable = functools.partial(test_presets.trainable, NAME)
+    paths = test_presets.paths(NAME)
     assert trainable("linear_probe") == {"classifier/1/kernel", "classifier/1/bias"}
     # The last two blocks: stage 7 (one MBConv) and the head conv `features/8`.
     assert trainable("last_k:2") == {p for p in paths if re.match(r"classifier/|features/[78]/", p)}

@@ -61,6 +61,8 @@ FAMILIES = {
                            r"^(_conv_head|_bn1)/|^_blocks/(11|12|13|14|15)/"),
     "efficientnet_b0": (r"^classifier/1/", r"/(1|bn)/(scale|bias)$", r"^features/8/", r"^features/[678]/"),
     "resnet50": (r"^fc/", r"(bn[123]|downsample/1)/(scale|bias)$", r"^layer4/", r"^layer[234]/"),
+    "convnext_tiny": (r"^classifier/2/", r"(features/0/1|/block/2|features/[246]/0|classifier/0)/(scale|bias)$",
+                      r"^classifier/0/", r"^classifier/0/|^features/[67]/"),
     "vit_b_16": (r"^heads/", r"(ln|ln_1|ln_2)/(scale|bias)$", r"^encoder/ln/",
                  r"^encoder/ln/|^encoder/layers/encoder_layer_(10|11)/"),
 }
@@ -85,7 +87,8 @@ def test_presets_select_the_right_parameters(model_name):
 
 
 @pytest.mark.parametrize("model_name, blocks", [("vgg16", 7), ("vgg11_bn", 7), ("efficientnet_lite0", 9),
-                                                ("efficientnet_b0", 9), ("resnet18", 5), ("resnet50", 5), ("vit_b_16", 14)])
+                                                ("efficientnet_b0", 9), ("resnet18", 5), ("resnet50", 5),
+                                                ("vit_b_16", 14), ("convnext_tiny", 9)])
 def test_last_k_counts_blocks_up_to_all_of_them(model_name, blocks):
     assert len(models.info(model_name).blocks) == blocks
     assert trainable(model_name, f"last_k:{blocks}") == set(paths(model_name))

@@ -11,7 +11,7 @@ importing this package imports them all.
 
 from xfer.models.registry import (IMAGENET_MEAN, IMAGENET_STD, MODELS, ModelInfo, PipFile, TorchvisionFile,
                                   build, info, register)
-from xfer.models import efficientnet, efficientnet_lite, resnet, vgg, vit  # noqa: F401  (each registers its models)
+from xfer.models import convnext, efficientnet, efficientnet_lite, resnet, vgg, vit  # noqa: F401  (each registers its models)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "ModelInfo", "PipFile", "TorchvisionFile", "build",
            "info", "register"]
