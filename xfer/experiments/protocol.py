@@ -356,13 +356,13 @@ def rows(protocol: Protocol, finals: list[Final], sweep_dir: Path) -> list[dict[
             workdir = trial.user_attrs.get("workdir", "")
             table.append({"arm": arm, "stage": "search", "trial": trial.number, "seed": protocol.search_seed,
                           "state": state, "params": dict(trial.params), "val_accuracy": val, "test_accuracy": None,
-                          **_run_facts(sweep_dir / workdir if workdir else None), "workdir": workdir})
+                          **_run_facts(_summary(sweep_dir / workdir) if workdir else None), "workdir": workdir})
     for final in finals:
         summary = _summary(sweep_dir / final.name)
         table.append({"arm": final.arm, "stage": "final", "trial": None, "seed": final.seed,
                       "state": "complete" if summary else "running", "params": dict(final.params), "val_accuracy": None,
                       "test_accuracy": summary.get("eval_accuracy") if summary else None,
-                      **_run_facts(sweep_dir / final.name), "workdir": final.name})
+                      **_run_facts(summary), "workdir": final.name})
     return table
 
 
@@ -591,8 +591,8 @@ def _example_ids(workdir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _run_facts(workdir: Path | None) -> dict[str, Any]:
-    summary = (_summary(workdir) if workdir else None) or {}
+def _run_facts(summary: dict | None) -> dict[str, Any]:
+    summary = summary or {}
     return {"trainable_parameters": summary.get("trainable_parameters"),
             "steps": summary.get("stopped_at_step") or summary.get("steps"),
             "wall_seconds": summary.get("wall_seconds"), "seconds_per_step": summary.get("seconds_per_step")}
