@@ -20,7 +20,9 @@ from xfer.learning import norms, optim, partition, presets
 from xfer.learning import plan as freeze_plan
 from xfer.learning.partition import PartitionError
 
-SIZES = {"vit_b_16": 224}  # ViT's position embedding fixes its input size; the rest take 32 px
+SIZES = {"vit_b_16": 224,  # ViT's position embedding fixes its input size; the rest take 32 px
+         "inception_v3": 299,  # its auxiliary classifier, on by default, needs 299 px
+         "dinov2_vits14": 224, "dinov2_vitb14": 224, "clip_vitb16": 224}  # timm's ViTs, as ViT
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,6 +67,9 @@ FAMILIES = {
                       r"^classifier/0/", r"^classifier/0/|^features/[67]/"),
     "vit_b_16": (r"^heads/", r"(ln|ln_1|ln_2)/(scale|bias)$", r"^encoder/ln/",
                  r"^encoder/ln/|^encoder/layers/encoder_layer_(10|11)/"),
+    "dinov2_vits14": (r"^head/", r"(norm|norm1|norm2)/(scale|bias)$", r"^norm/", r"^norm/|^blocks/(10|11)/"),
+    "clip_vitb16": (r"^head/", r"(norm_pre|norm|norm1|norm2)/(scale|bias)$", r"^norm/", r"^norm/|^blocks/(10|11)/"),
+    "inception_v3": (r"^(fc|AuxLogits/fc)/", r"/bn/(scale|bias)$", r"^Mixed_7c/", r"^Mixed_7[abc]/"),
 }
 
 
@@ -88,7 +93,8 @@ def test_presets_select_the_right_parameters(model_name):
 
 @pytest.mark.parametrize("model_name, blocks", [("vgg16", 7), ("vgg11_bn", 7), ("efficientnet_lite0", 9),
                                                 ("efficientnet_b0", 9), ("resnet18", 5), ("resnet50", 5),
-                                                ("vit_b_16", 14), ("convnext_tiny", 9)])
+                                                ("vit_b_16", 14), ("convnext_tiny", 9), ("inception_v3", 14),
+                                                ("dinov2_vits14", 14), ("clip_vitb16", 14)])
 def test_last_k_counts_blocks_up_to_all_of_them(model_name, blocks):
     assert len(models.info(model_name).blocks) == blocks
     assert trainable(model_name, f"last_k:{blocks}") == set(paths(model_name))

@@ -23,6 +23,14 @@ existed, so a run that sets none of them computes bitwise what it did.
   `switch_prob`). Targets mix likewise, then smooth. It runs on the device in the jitted
   step from a key the step derives from the state's key and its number, so a resumed
   run mixes each step as the uninterrupted run did.
+- `config.aux_loss_weight` = w, for a model with an auxiliary classifier (Inception v3's
+  `AuxLogits`, `config.model.aux_logits`), whose training forward returns (logits, aux_logits) as
+  torchvision's `InceptionOutputs`: the loss is loss(logits) + w loss(aux_logits), both on the
+  same smoothed, weighted, mixed targets (torchvision's fine-tuning tutorial: plain cross-entropy,
+  w = 0.4). A config without the field has w = 0, and a model that returns auxiliary logits is
+  then refused when the step is traced (a branch trained by nothing is a mistake, not a choice:
+  build the model with aux_logits=False instead); a weight with a model that returns no auxiliary
+  logits is unused. Accuracy, evaluation and predictions read the main logits only.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class Loss:
     class_weights: tuple[float, ...] | None = None  # one per class, or None
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    aux_weight: float = 0.0  # the auxiliary classifier's share (`of_outputs`); 0 for a model without one
 
     @classmethod
     def from_config(cls, config, data) -> "Loss":
@@ -69,12 +78,14 @@ class Loss:
                                  "class in that order, or 'balanced'")
             weights = setting
         loss = cls(data.num_classes, float(config.label_smoothing), weights, float(data.mixup_alpha),
-                   float(data.cutmix_alpha))
+                   float(data.cutmix_alpha), parse_aux_weight(config.get(AUX_WEIGHT_FIELD, 0.0)))
         if loss != cls(data.num_classes):
             shown = "none" if weights is None else (f"{setting if setting == BALANCED else 'given'}: "
                                                     + " ".join(f"{n}={w:.4g}" for n, w in zip(names, weights)))
-            log.info("loss: label smoothing %g, class weights %s, mixup alpha %g, cutmix alpha %g",
-                     loss.label_smoothing, shown, loss.mixup_alpha, loss.cutmix_alpha)
+            aux = (f", auxiliary classifier weight {loss.aux_weight:g} (used by a model that returns auxiliary "
+                   "logits)" if loss.aux_weight else "")
+            log.info("loss: label smoothing %g, class weights %s, mixup alpha %g, cutmix alpha %g%s",
+                     loss.label_smoothing, shown, loss.mixup_alpha, loss.cutmix_alpha, aux)
         return loss
 
     @property
@@ -102,6 +113,22 @@ class Loss:
             return per_example.mean()
         weights = self._example_weights(targets)
         return jnp.sum(weights * per_example) / jnp.sum(weights)
+
+    def of_outputs(self, outputs, labels: jax.Array, targets: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+        """(the batch's loss, the main logits) from a model's training `outputs`: its logits, or
+        (logits, aux_logits) from a model with an auxiliary classifier, whose loss is then
+        loss(logits) + aux_weight * loss(aux_logits). Raises ValueError (at trace time, before
+        step 0) for auxiliary logits with `aux_weight` 0."""
+        if not isinstance(outputs, tuple):
+            return self(outputs, labels, targets), outputs
+        logits, aux_logits = outputs
+        if not self.aux_weight:
+            raise ValueError(f"the model returns auxiliary logits (e.g. config.model.aux_logits=True) but "
+                             f"config.{AUX_WEIGHT_FIELD} is 0 or unset, so nothing would train its auxiliary "
+                             f"classifier; set config.{AUX_WEIGHT_FIELD} > 0 (torchvision's recipe: 0.4) or build "
+                             "the model with config.model.aux_logits=False")
+        return self(logits, labels, targets) + self.aux_weight * self(aux_logits, labels, targets), logits
 
     def total_weight(self, labels: jax.Array, targets: jax.Array | None = None) -> jax.Array:
         """What the loss divides a batch's summed per-example losses by, up to one factor for every
@@ -157,6 +184,17 @@ def where_kept(key: jax.Array, use_cutmix: jax.Array, lam: jax.Array, size: tupl
 
 
 # --- config -------------------------------------------------------------------------------------
+
+AUX_WEIGHT_FIELD = "aux_loss_weight"  # config.aux_loss_weight; a config without it has none
+
+
+def parse_aux_weight(value) -> float:
+    """`config.aux_loss_weight` as a float; raises ValueError naming the fix."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"config.{AUX_WEIGHT_FIELD}={value!r}; it must be a finite number >= 0, the auxiliary "
+                         "classifier's share of the loss (torchvision's recipe: 0.4)")
+    return float(value)
+
 
 def parse_class_weights(value) -> str | tuple[float, ...]:
     """`config.class_weights` as "", "balanced" or a tuple of weights; raises ValueError naming the fix.

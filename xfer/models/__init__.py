@@ -9,9 +9,9 @@ Each family module registers its models when imported (`xfer.models.registry`);
 importing this package imports them all.
 """
 
-from xfer.models.registry import (IMAGENET_MEAN, IMAGENET_STD, MODELS, ModelInfo, PipFile, TorchvisionFile,
-                                  build, info, register)
-from xfer.models import convnext, efficientnet, efficientnet_lite, resnet, vgg, vit  # noqa: F401  (each registers its models)
+from xfer.models.registry import (IMAGENET_1K, IMAGENET_MEAN, IMAGENET_STD, MODELS, HubFile, ModelInfo, PipFile,
+                                  TorchvisionFile, build, info, register)
+from xfer.models import convnext, efficientnet, efficientnet_lite, inception, resnet, timm_vit, vgg, vit  # noqa: F401  (each registers its models)
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "ModelInfo", "PipFile", "TorchvisionFile", "build",
-           "info", "register"]
+__all__ = ["IMAGENET_1K", "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "HubFile", "ModelInfo", "PipFile",
+           "TorchvisionFile", "build", "info", "register"]

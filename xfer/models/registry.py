@@ -10,6 +10,7 @@ pipelines, freeze presets, the weight loader and the CLI find it here.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 from typing import TYPE_CHECKING, Callable
 
@@ -38,12 +39,30 @@ class PipFile:
 
 
 @dataclasses.dataclass(frozen=True)
+class HubFile:
+    """Pretrained weights in a Hugging Face hub repository: looked up in huggingface_hub's cache
+    ($HF_HUB_CACHE, default $HF_HOME/hub), else downloaded there by `hf_hub_download`.
+
+    No revision is pinned: the repository's main branch, as `timm.create_model(..., pretrained=True)`
+    loads it. Pin one here only with a commit hash read from the hub.
+    """
+
+    repo_id: str  # e.g. 'timm/vit_small_patch14_dinov2.lvd142m'
+    filename: str  # e.g. 'model.safetensors'
+
+
+# What `ModelInfo.pretrained_on` says of weights trained as ImageNet-1k classifiers: their
+# 1000-way head scores ImageNet's classes (`python -m xfer.weights check`).
+IMAGENET_1K = "ImageNet-1k"
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What data pipelines, freeze presets and weight loaders need to know about a model."""
 
     name: str
     make: Callable[..., nn.Module]  # (num_classes, **overrides) -> module
-    input_size: int  # the resolution its ImageNet weights were trained at
+    input_size: int  # the resolution its pretrained weights were trained (or are best fine-tuned) at
     mean: tuple[float, float, float]  # in units of pixels scaled to [0, 1]
     std: tuple[float, float, float]
     # Regexes over parameter paths (no collection: `classifier/6/kernel`) of the classification
@@ -56,7 +75,13 @@ class ModelInfo:
     # () -> its torch weight map (xfer.weights.convert.WeightMap). A callable, so a map module
     # may import its model's module (for its configs) without an import cycle.
     weight_map: Callable[[], WeightMap] | None = None
-    imagenet: TorchvisionFile | PipFile | None = None  # where its ImageNet weights are found
+    # Where its pretrained weights are found: what `config.init = "pretrained"` (or, the older
+    # spelling, "imagenet") loads for every model, whatever data they were trained on.
+    imagenet: TorchvisionFile | PipFile | HubFile | None = None
+    # What those weights were trained on: IMAGENET_1K for ImageNet classifiers, else the data set
+    # (self-supervised DINOv2's 'LVD-142M', OpenAI CLIP's image-text 'WIT-400M'), whose head, if
+    # any, does not score ImageNet's classes.
+    pretrained_on: str = IMAGENET_1K
     # XLA flags that make this family faster on XLA:CPU, set by launch.py when the user sets none
     # (xfer.training.xla_flags checks them against the jaxlib release).
     cpu_xla_flags: tuple[str, ...] = ()
@@ -88,7 +113,9 @@ def info(name: str) -> ModelInfo:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}") from None
+        close = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; choose one of: {', '.join(sorted(MODELS))}") from None
 
 
 def build(name: str, num_classes: int = 1000, **overrides) -> nn.Module:

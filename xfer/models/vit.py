@@ -56,6 +56,22 @@ pos_embedding_init = nn.initializers.normal(0.02)  # "from BERT"
 layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False)
 
 
+def attend(qkv, num_heads: int, attention_dropout_rate: float, train: bool):
+    """Multi-head scaled dot-product attention of a fused (batch, length, 3 * width) projection
+    whose last axis holds query, key and value in that order, as torch's `in_proj` and timm's
+    `qkv` both lay them out; returns (batch, length, width), heads concatenated.
+
+    Called inside a module's compact method: the attention weights' dropout is that module's
+    `Dropout_0` (torch's `dropout` on the weights, timm's `attn_drop`).
+    """
+    batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    head_dim = width // num_heads
+    query, key, value = (t.reshape(batch, length, num_heads, head_dim) for t in jnp.split(qkv, 3, -1))
+    logits = jnp.einsum("nqhd,nkhd->nhqk", query * head_dim**-0.5, key)
+    weights = dropout(nn.softmax(logits, axis=-1), attention_dropout_rate, train)
+    return jnp.einsum("nhqk,nkhd->nqhd", weights, value).reshape(batch, length, width)
+
+
 class SelfAttention(nn.Module):
     """torch's MultiheadAttention(batch_first=True) used as self-attention.
 
@@ -67,15 +83,11 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        batch, length, width = x.shape
+        width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"hidden_dim={width} is not divisible by num_heads={self.num_heads}")
-        head_dim = width // self.num_heads
         qkv = nn.Dense(3 * width, kernel_init=xavier_init, bias_init=nn.initializers.zeros, name="in_proj")(x)
-        query, key, value = (t.reshape(batch, length, self.num_heads, head_dim) for t in jnp.split(qkv, 3, -1))
-        logits = jnp.einsum("nqhd,nkhd->nhqk", query * head_dim**-0.5, key)
-        weights = dropout(nn.softmax(logits, axis=-1), self.attention_dropout_rate, train)
-        attended = jnp.einsum("nhqk,nkhd->nqhd", weights, value).reshape(batch, length, width)
+        attended = attend(qkv, self.num_heads, self.attention_dropout_rate, train)
         return nn.Dense(width, kernel_init=torch_linear_init, bias_init=nn.initializers.zeros,
                         name="out_proj")(attended)
 
@@ -170,7 +182,7 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        self._check_input_size(x.shape[1:3])
+        check_input_size(self.image_size, self.patch_size, x.shape[1:3])
         x = nn.Conv(self.hidden_dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
                     kernel_init=patch_init, name="conv_proj")(x)
         batch = x.shape[0]
@@ -181,15 +193,18 @@ class VisionTransformer(nn.Module):
                     self.attention_dropout_rate, name="encoder")(x, train)
         return Heads(self.num_classes, name="heads")(x[:, 0])
 
-    def _check_input_size(self, height_width) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        if tuple(height_width) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"this ViT takes {self.image_size}x{self.image_size} images (its position embedding has one "
-                f"entry per {self.patch_size}x{self.patch_size} patch of them) but got "
-                f"{height_width[0]}x{height_width[1]}; for square images of another size, build it with "
-                "that image_size: loading pretrained weights then resamples the position embedding")
+
+def check_input_size(image_size: int, patch_size: int, height_width) -> None:
+    """A ViT's position embedding fixes its input: `height_width` must be `image_size` square, a
+    whole number of patches."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    if tuple(height_width) != (image_size, image_size):
+        raise ValueError(
+            f"this ViT takes {image_size}x{image_size} images (its position embedding has one "
+            f"entry per {patch_size}x{patch_size} patch of them) but got "
+            f"{height_width[0]}x{height_width[1]}; for square images of another size, build it with "
+            "that image_size: loading pretrained weights then resamples the position embedding")
 
 
 # --- registration (xfer.models.registry) ------------------------------------

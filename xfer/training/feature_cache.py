@@ -72,9 +72,10 @@ def substituted(cut: str, features):
     return nn.intercept_methods(interceptor)
 
 
-def _call_trace(model, variable_shapes, image_size: int) -> tuple[list[tuple[str, str]], frozenset[str]]:
-    """(event, module path) for every module `__call__` of one eval forward, in order, and the
-    paths of the Dropout modules among them."""
+def _call_trace(model, variable_shapes, image_size: int, train: bool = False
+                ) -> tuple[list[tuple[str, str]], frozenset[str]]:
+    """(event, module path) for every module `__call__` of one forward (eval, or train), in order,
+    and the paths of the Dropout modules among them."""
     events, dropouts = [], set()
 
     def interceptor(next_fun, args, kwargs, context):
@@ -88,10 +89,32 @@ def _call_trace(model, variable_shapes, image_size: int) -> tuple[list[tuple[str
         events.append(("exit", path))
         return out
 
+    def forward(variables, images):
+        if train:
+            return model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(0)},
+                               mutable=["batch_stats"])
+        return model.apply(variables, images, train=False)
+
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variable_shapes, images)
+        jax.eval_shape(forward, variable_shapes, images)
     return events, frozenset(dropouts)
+
+
+def _cuts_read_by_train_only_modules(model, variable_shapes, image_size: int,
+                                     eval_events) -> dict[str, str]:
+    """{cut: the train-only module that makes it invalid}. A module that runs only in training
+    (Inception's auxiliary classifier) reads an activation from the middle of the network; a cut
+    after that point would feed it what the uncomputed prefix left behind, so training would be
+    silently wrong while evaluation, which never runs it, looked right."""
+    in_eval = {path for _, path in eval_events}
+    train_only, blocked = None, {}
+    for event, path in _call_trace(model, variable_shapes, image_size, train=True)[0]:
+        if event == "enter" and train_only is None and path not in in_eval:
+            train_only = path
+        elif event == "exit" and train_only is not None and not _is_ancestor(path, train_only):
+            blocked[path] = train_only
+    return blocked
 
 
 def _is_ancestor(path: str, of: str) -> bool:
@@ -129,16 +152,20 @@ def check_cut(cut: str, model, variable_shapes, image_size: int, plan: FreezePla
     modules = _Modules(_owns_only_frozen(plan.labels), partition.frozen_modules(plan.labels),
                        frozenset(norms.batch_norm_paths(variable_shapes.get("batch_stats", {}))),
                        plan.running_stats_layers, dropouts)
+    blocked = _cuts_read_by_train_only_modules(model, variable_shapes, image_size, events)
     entered, valid = [], []
     for event, path in events:
         if event == "enter":
             entered.append(path)
-        elif path and _prefix_problem(path, entered, modules) is None:
+            continue
+        problem = _prefix_problem(path, entered, modules) if path else None
+        if path in blocked and problem is None:
+            problem = f"{blocked[path]} runs only in training and reads an activation from before {path}"
+        if path and problem is None:
             valid.append(path)
         elif path == cut:
-            raise FeatureCacheError(f"feature_cache={cut!r} is not a frozen prefix: "
-                                    f"{_prefix_problem(path, entered, modules)}; cut earlier, use 'auto', "
-                                    "or freeze it")
+            raise FeatureCacheError(f"feature_cache={cut!r} is not a frozen prefix: {problem}; cut earlier, "
+                                    "use 'auto', or freeze it")
         if event == "exit" and path == cut:
             return cut
     if cut == AUTO:

