@@ -64,20 +64,23 @@ def _grid_side(shape: tuple[int, ...]) -> int:
     return side
 
 
-def interpolate_pos_embedding(pos_embedding: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
-    """(1, 1 + g*g, hidden) -> `target_shape` (1, 1 + G*G, hidden), as torchvision's `interpolate_embeddings`.
-
-    The class-token entry is kept; the g x g patch grid is resampled to G x G
-    by torch's bicubic interpolation with `align_corners=True`, computed in
-    float64 and returned in the input's dtype.
-    """
+def resample_grid(pos_embedding: np.ndarray, target_shape: tuple[int, ...], matrix) -> np.ndarray:
+    """(1, 1 + g*g, hidden) -> `target_shape` (1, 1 + G*G, hidden): the class-token entry kept, the
+    g x g patch grid resampled to G x G by `matrix(g, G)` along each axis, in float64, returned in
+    the input's dtype."""
     side_in, side_out = _grid_side(pos_embedding.shape), _grid_side(target_shape)
     if pos_embedding.shape[2] != target_shape[2]:
         raise ValueError(f"hidden size {pos_embedding.shape[2]} differs from the model's {target_shape[2]}")
-    resample = bicubic_matrix(side_in, side_out)
+    resample = matrix(side_in, side_out)
     grid = pos_embedding[0, 1:].reshape(side_in, side_in, -1).astype(np.float64)
     resampled = np.einsum("yh,xw,hwc->yxc", resample, resample, grid).reshape(1, side_out * side_out, -1)
     return np.concatenate([pos_embedding[:, :1], resampled.astype(pos_embedding.dtype)], axis=1)
+
+
+def interpolate_pos_embedding(pos_embedding: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    """As torchvision's `interpolate_embeddings`: the patch grid resampled by torch's bicubic
+    interpolation with `align_corners=True`."""
+    return resample_grid(pos_embedding, target_shape, bicubic_matrix)
 
 
 def _encoder_block(index: int) -> list[list[Entry]]:
