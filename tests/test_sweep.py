@@ -240,7 +240,7 @@ def test_unknown_preset_fails_before_any_run_or_directory(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: run partition=linaer_probe,seed=0: unknown partition preset 'linaer_probe'; the presets are "
-        "linear_probe, last_k:K, full, bias_only, norm_only, scratch (xfer/learning/presets.py), "
+        "linear_probe, last_k:K, full, bias_only, norm_only, scratch, lora:R (xfer/learning/presets.py), "
         "or give (regex, group) rules")
     assert "sweep run" not in result.stderr
     assert not workdir.exists()

@@ -40,6 +40,7 @@ import optax
 from xfer import models
 from xfer.learning import optim, plan as plan_lib, presets
 from xfer.learning.partition import FROZEN, PartitionError
+from xfer.models import lora
 
 GRADUAL_UNFREEZE = "gradual_unfreeze"
 _PHASE_MARK = ".phase"  # joins a group and the phase that unfroze these parameters of it: backbone.phase3
@@ -117,6 +118,20 @@ def build(config, model_name: str, variable_shapes, total_steps: int) -> tuple[P
         base_plans[0].optimizer(total_steps)  # a schedule no optimizer can follow (warmup too long) fails now
         return (Phase(1, 0, total_steps, specs[0].setting, base_plans[0], frozenset(), {}),)
     return tuple(_chain(specs, base_plans, starts, ends, variable_shapes["params"]))
+
+
+def lora_settings(setting) -> lora.Settings | None:
+    """The LoRA adapters `config.partition` needs in the model: those of its `lora` phases (all the
+    same: one model carries one set), or None when no phase is `lora`. Every phase runs the model
+    with them; a phase that is not `lora` keeps them frozen (`xfer.learning.presets`)."""
+    specs = parse(setting) or [PhaseSpec(0.0, setting)]
+    found = {number: preset.lora for number, preset in
+             ((number, presets.parse(spec.setting)) for number, spec in enumerate(specs, 1)) if preset and preset.lora}
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"phase {number}: {settings.spelled()}" for number, settings in found.items())
+        raise PartitionError(f"config.partition gives LoRA different settings ({listed}); the model carries one "
+                             "set of adapters: give every lora phase the same rank, alpha and targets")
+    return next(iter(found.values()), None)
 
 
 def phase_at(phases: Sequence[Phase], step: int) -> Phase:

@@ -20,17 +20,28 @@ for a preset, the freeze plan drops the spec of a group it leaves empty
   scratch        everything, from random initialisation (it sets init to "scratch", and
                  every BatchNorm layer to batch statistics: see `bn_rules`): the
                  baseline every pretrained mask has to beat
+  lora:R         rank-R LoRA adapters (`xfer.models.lora`) on the model's default targets
+                 and the head; everything else frozen. `lora:R:alpha=A` sets alpha (default
+                 8, PEFT's: scale alpha / R), `lora:R:REGEX` (or `lora:R:alpha=A:REGEX`) the
+                 targets, a regex over module paths (the rest of the string, colons and all;
+                 in a phase string it cannot hold `,`, `@` or `*`: use the tuple form there)
 
 Normalisation layers (BatchNorm, LayerNorm) are found from the parameters, as the
 modules whose parameters are exactly `scale` and `bias`, so a new model family
 needs no list of them. A preset changes only which parameters learn: BatchNorm
 layers follow `config.bn_policy` as with explicit rules (by default a layer with
 trainable scale and bias trains on batch statistics), except under `scratch`.
+
+A model carries LoRA adapters when a preset of its `config.partition` (any phase) is `lora`
+(`xfer.training.train` wraps it); every other preset leaves the adapters frozen, `full`
+included, so a phase trains them only when it says `lora` (frozen, B = 0 is the identity).
+Explicit (regex, group) rules see the adapters like any parameter: `(?:^|/)lora_[ab]$`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import NamedTuple, Sequence
 
@@ -38,19 +49,22 @@ import jax
 
 from xfer import models
 from xfer.learning.partition import FROZEN, PartitionError, path_str
+from xfer.models import lora
 
 log = logging.getLogger("xfer")
 
 HEAD, BACKBONE = "head", "backbone"
 LAST_K = "last_k"
-NAMES = ("linear_probe", f"{LAST_K}:K", "full", "bias_only", "norm_only", "scratch")
+LORA = "lora"
+NAMES = ("linear_probe", f"{LAST_K}:K", "full", "bias_only", "norm_only", "scratch", f"{LORA}:R")
 _FIXED = {"linear_probe", "full", "bias_only", "norm_only", "scratch"}
 _NORM_PARAMS = {"scale", "bias"}
 
 
 class Preset(NamedTuple):
-    name: str  # one of NAMES without ":K"
+    name: str  # one of NAMES without ":K" or ":R"
     k: int | None  # last_k's K; None for the others
+    lora: lora.Settings | None = None  # lora's rank, alpha and targets; None for the others
 
     @property
     def init_override(self) -> str | None:
@@ -66,12 +80,14 @@ def parse(setting) -> Preset | None:
     """
     if not isinstance(setting, str):
         if not (isinstance(setting, Sequence) and len(setting) == 1 and isinstance(setting[0], str)
-                and (setting[0] in _FIXED or setting[0].startswith(f"{LAST_K}:"))):
+                and (setting[0] in _FIXED or setting[0].partition(":")[0] in (LAST_K, LORA))):
             return None
         setting = setting[0]
     if setting in _FIXED:
         return Preset(setting, None)
     name, separator, k = setting.partition(":")
+    if name == LORA:
+        return Preset(LORA, None, _lora_settings(setting))
     if name != LAST_K:
         raise PartitionError(f"unknown partition preset {setting!r}; the presets are {', '.join(NAMES)} "
                              "(xfer/learning/presets.py), or give (regex, group) rules")
@@ -79,6 +95,29 @@ def parse(setting) -> Preset | None:
         raise PartitionError(f"partition preset {setting!r} needs a whole number of blocks: write "
                              f"{LAST_K}:K, e.g. {LAST_K}:2")
     return Preset(LAST_K, int(k))
+
+
+def _lora_settings(setting: str) -> lora.Settings:
+    """`lora:R[:alpha=A][:REGEX]`; REGEX is the rest of the string, so it may hold colons."""
+    _, _, rest = setting.partition(":")
+    rank, separator, rest = rest.partition(":")
+    if not re.fullmatch(r"[0-9]+", rank) or int(rank) < 1:
+        raise PartitionError(f"partition preset {setting!r} needs a whole rank >= 1: write {LORA}:R, e.g. "
+                             f"{LORA}:8 (or {LORA}:R:alpha=A:REGEX)")
+    alpha = lora.DEFAULT_ALPHA
+    if rest.startswith("alpha="):
+        text, separator, rest = rest[len("alpha="):].partition(":")
+        try:
+            alpha = float(text)
+        except ValueError:
+            alpha = math.nan
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise PartitionError(f"partition preset {setting!r}: alpha={text!r} must be a number > 0, e.g. "
+                                 f"{LORA}:{rank}:alpha=16")
+    if separator and not rest:
+        raise PartitionError(f"partition preset {setting!r} ends in an empty target regex; drop the trailing ':' "
+                             "for the model's default targets")
+    return lora.Settings(int(rank), alpha, rest or None)
 
 
 def expand(preset: Preset, model_name: str, param_shapes) -> tuple:
@@ -91,9 +130,16 @@ def expand(preset: Preset, model_name: str, param_shapes) -> tuple:
     paths = [path_str(key_path) for key_path, _ in jax.tree_util.tree_flatten_with_path(param_shapes)[0]]
     block_indices(info, paths)
     head = re.compile(info.head)
-    body_paths = [path for path in paths if not head.search(path)]
+    has_adapters = any(lora.is_adapter(path) for path in paths)
+    if preset.name == LORA and not has_adapters:
+        raise PartitionError(f"partition preset {_spelled(preset)!r} finds no LoRA adapter in {model_name}'s "
+                             "parameters; build the model with xfer.models.lora.wrap (xfer's trainer does)")
+    body_paths = [path for path in paths if not head.search(path) and (preset.name == LORA
+                                                                         or not lora.is_adapter(path))]
     backbone = _backbone_regex(preset, info, body_paths)
     rules = [(info.head, HEAD)]
+    if has_adapters and preset.name != LORA and backbone is not None:
+        rules.append((lora.ADAPTER_PARAM, FROZEN))  # adapters train only under lora, never under full
     if backbone is not None:
         if not any(re.search(backbone, path) for path in body_paths):
             raise PartitionError(f"partition preset {_spelled(preset)!r} selects no parameter of {model_name} "
@@ -123,6 +169,8 @@ def bn_rules(preset: Preset, bn_policy: Sequence) -> Sequence:
 
 
 def _spelled(preset: Preset) -> str:
+    if preset.lora is not None:
+        return preset.lora.spelled()
     return preset.name if preset.k is None else f"{preset.name}:{preset.k}"
 
 
@@ -161,6 +209,8 @@ def _backbone_regex(preset: Preset, info: models.ModelInfo, body_paths: list[str
         return None
     if preset.name in ("full", "scratch"):
         return ".*"
+    if preset.name == LORA:
+        return lora.ADAPTER_PARAM
     if preset.name == LAST_K:
         return "|".join(f"(?:{regex})" for regex in info.blocks[-preset.k:])
     if preset.name == "bias_only":

@@ -39,6 +39,7 @@ from xfer.learning import optim, partition
 from xfer.learning import phases as phases_lib
 from xfer.learning.loss import Loss
 from xfer.learning.phases import Phase
+from xfer.models import lora
 from xfer.scaling import distributed, preemption
 from xfer.training import checkpoint, evaluate, feature_cache, memory, validate
 from xfer.training import mesh as mesh_lib
@@ -96,6 +97,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                     "examples; lower config.batch_size", config.batch_size, data.num_train)
     model = models.build(config.model.name, num_classes=data.num_classes, **_model_overrides(config))
     images = jax.ShapeDtypeStruct((1, data.image_size, data.image_size, 3), jnp.float32)
+    if lora_settings := phases_lib.lora_settings(config.partition):  # adapters beside their kernels, in every phase
+        model = lora.wrap(model, lora_settings, config.model.name, images)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed), images)
     total_steps = _total_steps(config, data.num_train)
     phases = phases_lib.build(config, config.model.name, shapes, total_steps)

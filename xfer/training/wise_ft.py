@@ -23,6 +23,10 @@ The "new head" is what the port left freshly initialised; with `init="scratch"` 
 it is the model's registered head. A head ported unchanged (a `run:` source with the same classes)
 has a pretrained value and is interpolated like the rest.
 
+LoRA runs (`xfer.models.lora`): the adapters' A matrices keep their trained value at every α and
+only B is interpolated (from its initial 0), so θ_α is exactly the pretrained weights plus α times
+the trained low-rank update, as WiSE-FT means it.
+
 BatchNorm running statistics are interpolated the same way as the parameters: they are part of the
 variables the model evaluates with (the paper's CLIP models have none). That is an approximation:
 the mixed network's own activation statistics are not the mix of the two ends'. Parameters and
@@ -50,6 +54,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from xfer import models
+from xfer.models import lora
 from xfer.learning import partition, phases
 from xfer.training import evaluate
 from xfer.training import step as step_lib
@@ -71,8 +76,8 @@ def curve(run_setup, eval_step, state, data, reporter) -> dict:
     mesh = mesh_lib.data_mesh()
     log.info("WiSE-FT: recomputing the initial variables (init %s, seed %d)", run_setup.init, config.seed)
     initial, new_head = initial_state(run_setup)
-    keep = new_head if config.wise_ft_head == "final" else frozenset()
     final = flat_variables(step_lib.eval_variables(state))  # the EMA's when config.ema_decay is on
+    keep = (new_head if config.wise_ft_head == "final" else frozenset()) | _lora_a(final)
     initial = mesh_lib.replicate({path: initial[path] for path in final}, mesh)
     changed = _changed(initial, final)
     frozen_mask = flat_variables({"params": partition.frozen_mask(phases.frozen_throughout(run_setup.phases))})
@@ -124,6 +129,13 @@ def initial_state(run_setup) -> tuple[dict[str, jax.Array], frozenset[str]]:
         return variables, frozenset(new_head)
     variables, report = ported(*args)
     return traverse_util.flatten_dict(variables, sep="/"), frozenset(report.new_head)
+
+
+def _lora_a(flat: dict) -> frozenset[str]:
+    """LoRA's A matrices (`xfer.models.lora`). The update an adapter makes is (alpha/R)·A·B with B
+    starting at 0, so A at its trained value and B interpolated from 0 give exactly α times the
+    trained update; interpolating A too would give α·(A_0 + α·(A − A_0))·B, not on the curve."""
+    return frozenset(path for path in flat if path.rpartition("/")[2] == lora.A)
 
 
 def flat_variables(state) -> dict[str, jax.Array]:

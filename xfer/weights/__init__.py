@@ -1,11 +1,12 @@
 """Pretrained weights: find a checkpoint, read it without torch, port it strictly.
 
     variables = model.init(rng, images)
-    variables, report = xfer.weights.load("imagenet", "vgg16", variables)
+    variables, report = xfer.weights.load("pretrained", "vgg16", variables)
 
-`source` is `"imagenet"` (the model's published ImageNet weights), a
-torchvision file name such as `vgg16-397923af.pth` (looked up in the torch
-hub cache, else downloaded), or a path to a `.pth` / `.safetensors` file.
+`source` is `"pretrained"` (the model's registered weights; `"imagenet"` is
+the older name), a torchvision file name such as `vgg16-397923af.pth` (looked
+up in the torch hub cache, else downloaded), or a path to a `.pth` /
+`.safetensors` file.
 """
 
 from __future__ import annotations

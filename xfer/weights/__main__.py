@@ -1,17 +1,20 @@
-"""`python -m xfer.weights`: look inside a checkpoint, port it once, check a port on real photos.
+"""`python -m xfer.weights`: look inside a checkpoint, port it once, check a port on real photos,
+fold a LoRA run's adapters into its weights.
 
     python -m xfer.weights inspect ~/.cache/torch/hub/checkpoints/vgg16-397923af.pth
-    python -m xfer.weights convert imagenet --model vgg16 --num-classes 10 --out ported/vgg16
+    python -m xfer.weights convert pretrained --model vgg16 --num-classes 10 --out ported/vgg16
     python -m xfer.weights check                      # EfficientNet-Lite0 on two photos
+    python -m xfer.weights merge runs/lora_vit --out merged/lora_vit   # then config.init=merged/lora_vit
 
 A port that goes wrong is nearly always the input's fault (a file for another
 architecture, a truncated download, no internet), so those errors end in one
 `error:` line saying what to fix, with exit code 2, never a traceback. An
-output directory appears whole or not at all: it is written into a hidden
+output directory (of convert or merge) appears whole or not at all: it is written into a hidden
 staging folder beside it (`.NAME.pid<PID>-<HOST>.<random>.partial`) and renamed
 last. Ctrl-C or SIGTERM removes the staging folder and exits at once (130 or
 143, one line); one that a SIGKILL left behind is removed by the next convert
-into the same folder, once its process is gone.
+or merge into the same folder, once its process is gone. Either output loads as
+`config.init=DIR` (`xfer.weights.initialise`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from xfer import models  # noqa: E402
 from xfer.weights import (CheckpointFormatError, PortReport, UnsafeCheckpointError,  # noqa: E402
                           WeightMismatchError, read, sources)
 from xfer.weights.convert import format_shape  # noqa: E402
-from xfer.weights.initialise import ported  # noqa: E402
+from xfer.weights.initialise import SAFETENSORS_FILE, ported  # noqa: E402
 
 # What bad input raises; anything else is a bug and keeps its traceback.
 _USER_ERRORS = (WeightMismatchError, CheckpointFormatError, UnsafeCheckpointError, ValueError,
@@ -49,8 +52,6 @@ _USER_ERRORS = (WeightMismatchError, CheckpointFormatError, UnsafeCheckpointErro
 
 # scikit-image's photos and the ImageNet classes a good port puts first.
 _CHECK_PHOTOS = {"chelsea": range(281, 286), "coffee": (967,)}  # a cat; an espresso
-
-SAFETENSORS_FILE = "variables.safetensors"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(command=_inspect)
 
     convert = commands.add_parser("convert", help="port a torch checkpoint into a model's Flax variables")
-    convert.add_argument("file", help="a .pth/.safetensors path, a torchvision file name, or 'imagenet'")
+    convert.add_argument("file", help="a .pth/.safetensors path, a torchvision file name, or 'pretrained' "
+                         "(the model's registered weights; 'imagenet' is the older name)")
     convert.add_argument("--model", required=True, choices=sorted(models.MODELS))
     convert.add_argument("--num-classes", type=int, default=1000,
                          help="classes of the new head; other than the checkpoint's -> freshly initialised")
@@ -83,7 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="classify two photos with a model's ported ImageNet weights")
     check.add_argument("--model", default="efficientnet_lite0", choices=sorted(sources.imagenet_models()))
     check.set_defaults(command=_check)
+
+    merge = commands.add_parser("merge", help="fold a LoRA run's adapters into its weights: a plain model's variables")
+    merge.add_argument("run_dir", type=Path, help="the run's --workdir (config.json and checkpoints/)")
+    merge.add_argument("--out", required=True, type=Path, help="output directory; must not exist or be empty")
+    merge.add_argument("--format", choices=("orbax", "safetensors"), default="orbax",
+                       help=f"an Orbax checkpoint, or DIR/{SAFETENSORS_FILE} with '/'-joined keys")
+    merge.add_argument("--step", type=_step, default="latest",
+                       help="the checkpoint: latest (default), best (by eval accuracy) or a step number")
+    merge.set_defaults(command=_merge)
     return parser
+
+
+def _step(text: str) -> int | str:
+    if text in ("latest", "best"):
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not latest, best or a step number")
+    return int(text)
 
 
 # --- inspect ----------------------------------------------------------------
@@ -103,10 +122,7 @@ def _inspect(args) -> int:
 # --- convert ----------------------------------------------------------------
 
 def _convert(args) -> int:
-    out = args.out.resolve()
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise FileExistsError(f"--out {out} already exists and is not an empty directory; "
-                              "choose a new --out or remove it first")
+    out = _free_out(args.out)
     path = sources.resolve(args.file, args.model)
     print(f"reading {path}")
     variables, report = _ported_variables(str(path), args.model, args.num_classes)
@@ -115,6 +131,14 @@ def _convert(args) -> int:
     _write_atomically(out, functools.partial(write, variables))
     print(f"wrote {out} ({args.format}, {_count(variables):,} values)")
     return 0
+
+
+def _free_out(out: Path) -> Path:
+    out = out.resolve()
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise FileExistsError(f"--out {out} already exists and is not an empty directory; "
+                              "choose a new --out or remove it first")
+    return out
 
 
 def _ported_variables(source: str, model_name: str, num_classes: int = 1000) -> tuple[dict, PortReport]:
@@ -183,6 +207,21 @@ def _write_safetensors(variables: dict, path: Path) -> None:
 
 def _count(variables: dict) -> int:
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables))
+
+
+# --- merge ------------------------------------------------------------------
+
+def _merge(args) -> int:
+    from xfer.weights import merge  # Orbax and the trainer's checkpoint reader: only merge needs them
+
+    out = _free_out(args.out)
+    variables, settings, adapters = merge.merged_run(args.run_dir.resolve(), args.step)
+    print(f"{args.run_dir}: checkpoint {args.step}, {settings.spelled()}: {adapters:,} adapter parameters folded "
+          f"into their kernels (W + {settings.scale:g} * A B)")
+    write = _write_orbax if args.format == "orbax" else _write_safetensors
+    _write_atomically(out, functools.partial(write, variables))
+    print(f"wrote {out} ({args.format}, {_count(variables):,} values); train from it with --config.init={out}")
+    return 0
 
 
 # --- check ------------------------------------------------------------------
