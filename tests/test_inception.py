@@ -40,14 +40,13 @@ from flax import traverse_util
 
 from configs import inception_cifar
 from xfer import models
-from xfer.learning import loss as loss_lib, optim, plan as freeze_plan
+from xfer.learning import loss as loss_lib, optim, partition, plan as freeze_plan, presets
 from xfer.learning.loss import Loss
 from xfer.models import inception
 from xfer.training import feature_cache, mesh as mesh_lib, step as step_lib, train
 from xfer.weights import convert, weight_map
 
 import torch_hooks
-import test_presets  # the presets as test_presets reads them: trainable paths per setting
 import torchvision_port
 
 NAME = "inception_v3"
@@ -73,7 +72,7 @@ def _torch_and_variables():
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     variables, report = convert.port(torchvision_port.state_dict(torch_model), weight_map(NAME),
-                                     _shapes(models.build(NAME)), NAME)
+                                     _shapes(models.build(NAME, aux_logits=True)), NAME)
     assert report.new_head == ()
     return torch_model, variables
 
@@ -185,7 +184,7 @@ def test_too_small_inputs_are_one_line_errors_at_torchvisions_limits():
         copy.deepcopy(torch_model).train()(torch.zeros(2, 3, 298, 298))
     with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
         torch_model(torch.zeros(1, 3, 74, 74))
-    model = models.build(NAME)
+    model = models.build(NAME, aux_logits=True)
     with pytest.raises(ValueError, match=r"^inception_v3 with its auxiliary classifier needs images of at least "
                                          r"299x299 px, got 299x298; .*\(config.model.aux_logits=False; then 75 "
                                          r"px suffice\)"):
@@ -199,7 +198,7 @@ def test_too_small_inputs_are_one_line_errors_at_torchvisions_limits():
 def test_map_covers_every_torch_tensor_and_every_flax_variable():
     torch_model, _ = _torch_and_variables()
     state_dict = torchvision_port.state_dict(torch_model)
-    shapes = _shapes(models.build(NAME))
+    shapes = _shapes(models.build(NAME, aux_logits=True))
     _, report = convert.port(state_dict, weight_map(NAME), shapes, NAME)
     assert len(report.rows) == sum(not k.endswith(".num_batches_tracked") for k in state_dict)
     assert len(report.rows) == len(traverse_util.flatten_dict(shapes))
@@ -212,7 +211,7 @@ def test_map_covers_every_torch_tensor_and_every_flax_variable():
 
 def test_both_heads_are_new_for_another_class_count():
     torch_model, _ = _torch_and_variables()
-    fresh = _shapes(models.build(NAME, num_classes=10))
+    fresh = _shapes(models.build(NAME, num_classes=10, aux_logits=True))
     variables, report = convert.port(torchvision_port.state_dict(torch_model), weight_map(NAME), fresh, NAME)
     assert set(report.new_head) == {f"params/{head}/{leaf}" for head in ("fc", "AuxLogits/fc")
                                     for leaf in ("kernel", "bias")}
@@ -244,14 +243,28 @@ def test_initialisation_is_torchvisions():
 
 
 def test_presets_build():
-    trainable = functools.partial(test_presets.trainable, NAME)
-    paths = test_presets.paths(NAME)
-    heads = {f"{head}/{leaf}" for head in ("fc", "AuxLogits/fc") for leaf in ("kernel", "bias")}
-    assert trainable("linear_probe") == heads
+    """As registered (no AuxLogits) and built with it: the auxiliary classifier's block sits between
+    Mixed_6e and Mixed_7a and is empty without it, so `last_k:K` names the same blocks either way."""
+    def trainable(params, setting):
+        labels = partition.labels(params, presets.expand(presets.parse(setting), NAME, params))
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        return {partition.path_str(path) for (path, _), group in zip(leaves, jax.tree.leaves(labels))
+                if group != partition.FROZEN}
+
     assert len(models.info(NAME).blocks) == 14
-    # The last four blocks: Mixed_7a..7c and, before them, the auxiliary classifier's convs.
-    assert trainable("last_k:4") == {p for p in paths if re.match(r"fc/|Mixed_7|AuxLogits/", p)}
-    assert trainable("last_k:3") == heads | {p for p in paths if p.startswith("Mixed_7")}
+    registered = _shapes(models.build(NAME, num_classes=10), 75)["params"]
+    paths = trainable(registered, "full")
+    assert not any(p.startswith("AuxLogits/") for p in paths)
+    assert trainable(registered, "linear_probe") == {"fc/kernel", "fc/bias"}
+    assert trainable(registered, "last_k:3") == {p for p in paths if re.match(r"fc/|Mixed_7", p)}
+    assert trainable(registered, "last_k:4") == trainable(registered, "last_k:3")
+
+    with_aux = _shapes(models.build(NAME, num_classes=10, aux_logits=True))["params"]
+    paths = trainable(with_aux, "full")
+    heads = {f"{head}/{leaf}" for head in ("fc", "AuxLogits/fc") for leaf in ("kernel", "bias")}
+    assert trainable(with_aux, "linear_probe") == heads
+    assert trainable(with_aux, "last_k:4") == {p for p in paths if re.match(r"fc/|Mixed_7|AuxLogits/", p)}
+    assert trainable(with_aux, "last_k:3") == heads | {p for p in paths if p.startswith("Mixed_7")}
 
 
 # --- the auxiliary loss: total = CE(logits) + w CE(aux_logits) ----------------------------------------
@@ -407,7 +420,7 @@ def test_the_config_sets_up_without_weights_or_data(mock_cifar, arg, trainable):
 def test_the_feature_cache_cuts_before_what_the_auxiliary_classifier_reads():
     """AuxLogits runs only in training, on Mixed_6e's output: a cache cut later would feed it what the
     skipped prefix left behind, so 'auto' stops at Mixed_6e and a later cut is refused, naming it."""
-    model = models.build(NAME, num_classes=10)
+    model = models.build(NAME, num_classes=10, aux_logits=True)
     shapes = _shapes(model)
     rules = (("^(?:fc|AuxLogits/fc)/", "head"), (".*", "frozen"))
     plan = freeze_plan.build(rules, (), {"head": optim.group_config(optimizer="sgd", lr=0.1)}, NAME, shapes)
@@ -416,7 +429,7 @@ def test_the_feature_cache_cuts_before_what_the_auxiliary_classifier_reads():
     with pytest.raises(feature_cache.FeatureCacheError,
                        match="Mixed_7c' is not a frozen prefix: AuxLogits runs only in training and reads"):
         feature_cache.check_cut("Mixed_7c", model, shapes, size, plan)
-    without_aux = models.build(NAME, num_classes=10, aux_logits=False)
+    without_aux = models.build(NAME, num_classes=10)  # as registered
     shapes = _shapes(without_aux, 75)
     plan = freeze_plan.build((("^fc/", "head"), (".*", "frozen")), (),
                              {"head": optim.group_config(optimizer="sgd", lr=0.1)}, NAME, shapes)

@@ -302,6 +302,10 @@ def _check_size(size: tuple[int, int], with_aux: bool) -> None:
 
 # torchvision's Inception_V3_Weights.IMAGENET1K_V1 (ported from TensorFlow): evaluated at a 299 crop of
 # a 342 resize, ImageNet mean/std (turned into [-1, 1] scaling by `transform_input`).
-register(ModelInfo("inception_v3", Inception3, 299, IMAGENET_MEAN, IMAGENET_STD, head=HEAD,
+# Registered without AuxLogits: any config runs it (from 75 px, with no loss field to add), and the
+# port skips the file's AuxLogits tensors. The tutorial's recipe opts in with config.model.aux_logits=True
+# and config.aux_loss_weight (configs/inception_cifar.py); torchvision's class default stays the module's.
+register(ModelInfo("inception_v3", functools.partial(Inception3, aux_logits=False), 299, IMAGENET_MEAN,
+                   IMAGENET_STD, head=HEAD,
                    blocks=blocks(), weight_map=weight_map_in("xfer.weights.inception"),
                    imagenet=TorchvisionFile("inception_v3_google-0cc3c7bd.pth")))
