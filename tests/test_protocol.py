@@ -320,7 +320,7 @@ def test_check_ids_refuses_a_search_run_that_saw_a_test_example(tmp_path):
     (("--arms=last_k1",), "config.final.baseline='linear_probe' is not among the arms run (last_k1); name one of "
                           "them, or add it to --arms"),
     (("--arms=linear_probe,lats_k1",), "--arms names lats_k1, which config.arms does not define; pick from "
-                                       "bias_only, full, last_k1, last_k3, linear_probe, norm_only"),
+                                       "bias_only, full, last_k1, last_k3, linear_probe, lora8, norm_only"),
     (("--config.search.val_fraction=0.001", "--arms=linear_probe"),
      "arm linear_probe (search, optim.head.lr=0.001): config.data.val_fraction=0.001 leaves class '8' (139 "
      "training examples) without a validation example; raise val_fraction to at least 0.0036 or add examples"),
@@ -328,8 +328,8 @@ def test_check_ids_refuses_a_search_run_that_saw_a_test_example(tmp_path):
     (("--config.search.pruner=median_",),
      "config.search.pruner='median_'; choose one of none, median, successive_halving, hyperband"),
     (("--config.final.baseline=ful",), "config.final.baseline='ful' is not among the arms run (bias_only, full, "
-                                       "last_k1, last_k3, linear_probe, norm_only); name one of them, or add it to "
-                                       "--arms"),
+                                       "last_k1, last_k3, linear_probe, lora8, norm_only); name one of them, or add "
+                                       "it to --arms"),
 ])
 def test_bad_protocol_command_lines_are_one_error_line_before_any_directory(args, message, tmp_path):
     workdir = tmp_path / "sweep"
