@@ -17,6 +17,8 @@ EfficientNet-Lite0 and scikit-learn's digits by default (offline). The real-data
                  every rate x 0.1                                     likewise (before the x 0.1)
   gradual        gradual unfreezing (ULMFiT): the head, then one more block from the head each quarter
   layer_decay    everything, block i from the head at lr x 0.7^i (BEiT, timm's --layer-decay)
+  lora8          rank-8 LoRA adapters on the 1x1 convs, and the head (xfer/models/lora.py)
+                                                                      tunes the adapters' rate
 
 `--arms=linear_probe,full,lp_ft` runs some of them. Arguments as configs/ablate_freeze.py (model,
 data, res).
@@ -30,6 +32,9 @@ from configs import ablate_freeze
 HEAD_LRS = (1e-4, 1e-3, 1e-2, 1e-1)
 BACKBONE_LRS = (1e-5, 1e-4, 1e-3, 1e-2)  # Adam on a pretrained backbone: 1e-3 was unstable on CIFAR images (#13)
 LP_FT_LRS = (1e-4, 1e-3, 1e-2)  # before LP-FT's x 0.1 in its second phase: the same rates as `full` there
+# Adapters start from zero (B) and scale by alpha / R: they take larger rates than pretrained weights
+# (configs/ablate_freeze.py's digits chose 1e-2, and 1e-1 diverged there).
+LORA_LRS = (1e-4, 1e-3, 1e-2, 1e-1)
 
 ARMS = {
     "linear_probe": {"partition": "linear_probe"},
@@ -39,6 +44,7 @@ ARMS = {
     "lp_ft": {"partition": "linear_probe@0,full@0.5*0.1"},
     "gradual": {"partition": "gradual_unfreeze:4"},
     "layer_decay": {"partition": "full", "optim": {"backbone": {"layer_decay": 0.7}}},
+    "lora8": {"partition": "lora:8"},
 }
 
 
@@ -56,4 +62,5 @@ def get_config(arg: str = ""):
 def _space(arm: str) -> dict:
     if arm == "linear_probe":
         return {"optim": {"head": {"lr": HEAD_LRS}}}
-    return {"optim": {"backbone": {"lr": LP_FT_LRS if arm == "lp_ft" else BACKBONE_LRS}}}
+    rates = {"lp_ft": LP_FT_LRS, "lora8": LORA_LRS}.get(arm, BACKBONE_LRS)
+    return {"optim": {"backbone": {"lr": rates}}}

@@ -90,10 +90,12 @@ def test_the_methods_ablation_sets_up_every_arm(tmp_path):
     protocol = protocol_lib.read(config, tmp_path / "sweep")
     protocol_lib.check(config, protocol)
     # A ConfigDict keeps its keys sorted: so do the arms.
-    assert list(protocol.arms) == ["full", "gradual", "last_k3", "layer_decay", "linear_probe", "lp_ft", "norm_only"]
+    assert list(protocol.arms) == ["full", "gradual", "last_k3", "layer_decay", "linear_probe", "lora8", "lp_ft",
+                                   "norm_only"]
     assert protocol.baseline == "linear_probe" and protocol.trials == {**dict.fromkeys(protocol.arms, 4), "lp_ft": 3}
     assert protocol.spaces["linear_probe"] == {"optim.head.lr": protocol_lib.Categorical((1e-4, 1e-3, 1e-2, 1e-1))}
     assert protocol.spaces["lp_ft"] == {"optim.backbone.lr": protocol_lib.Categorical((1e-4, 1e-3, 1e-2))}
+    assert protocol.spaces["lora8"] == {"optim.backbone.lr": protocol_lib.Categorical((1e-4, 1e-3, 1e-2, 1e-1))}
     full = protocol_lib.final_config(config, protocol, "full", {"optim.backbone.lr": 1e-5}, seed=2)
     assert (full.wise_ft_alphas, full.optim.backbone.lr, full.seed, full.data.evaluate_on) == (
         (0.0, 0.25, 0.5, 0.75, 1.0), 1e-5, 2, "test")
