@@ -102,12 +102,7 @@ def test_map_covers_every_torch_tensor_and_every_flax_variable():
     _, report = convert.port(state_dict, weight_map(NAME), shapes, NAME)
     assert len(report.rows) == len(state_dict)
     assert len(report.rows) == len(traverse_util.flatten_dict(shapes))
-    # The same names: torch's key is the Flax path with '.' for '/' (and torch's leaf names).
-    for source, _, target, _, _ in report.rows:
-        if source.endswith(".layer_scale"):
-            assert source.replace(".", "/") == target.split("/", 1)[1]
-        else:
-            assert source.rsplit(".", 1)[0] == target.split("/", 1)[1].rsplit("/", 1)[0].replace("/", ".")
+    torchvision_port.assert_paths_mirror_torch_keys(report, direct=("layer_scale",))
 
 
 def test_new_head_is_fresh():

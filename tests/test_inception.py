@@ -164,13 +164,8 @@ def test_train_mode_outputs_aux_logits_and_every_running_statistic_match_torchvi
     without aux), and torch's running-stat update (momentum 0.1, unbiased variance) in every BatchNorm."""
     images = np.random.default_rng(1).standard_normal((2, 3, size, size))
     stats, torch_state, worst = _check_forward(images, True, aux_logits)
-    compared = 0
-    for path, ours in traverse_util.flatten_dict(stats, sep=".").items():
-        module, stat = path.rsplit(".", 1)
-        torch_key = f"{module}.running_{stat}"
-        worst = max(worst, torch_hooks.assert_close(ours, torch_state[torch_key], f"{NAME} {torch_key}"))
-        compared += 1
-    assert compared == sum(k.endswith((".running_mean", ".running_var")) for k in torch_state)
+    stats_worst, compared = torch_hooks.assert_running_stats_close(stats, torch_state, NAME)
+    worst = max(worst, stats_worst)
     assert compared == 2 * (94 + 2 * aux_logits)  # 94 BasicConv2d in the trunk, 2 in AuxLogits
     print(f"{NAME}@{size} train aux={aux_logits}: max relative diff {worst:.2e} over outputs and "
           f"{compared} running statistics")
@@ -202,9 +197,7 @@ def test_map_covers_every_torch_tensor_and_every_flax_variable():
     _, report = convert.port(state_dict, weight_map(NAME), shapes, NAME)
     assert len(report.rows) == sum(not k.endswith(".num_batches_tracked") for k in state_dict)
     assert len(report.rows) == len(traverse_util.flatten_dict(shapes))
-    # The same names: torch's key is the Flax path with '.' for '/' (and torch's leaf names).
-    for source, _, target, _, _ in report.rows:
-        assert source.rsplit(".", 1)[0] == target.split("/", 1)[1].rsplit("/", 1)[0].replace("/", ".")
+    torchvision_port.assert_paths_mirror_torch_keys(report)
     params = traverse_util.flatten_dict(shapes["params"])
     assert sum(int(np.prod(v.shape)) for v in params.values()) == 27_161_264  # torchvision's meta num_params
 

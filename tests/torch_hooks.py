@@ -9,6 +9,7 @@ import functools
 
 import numpy as np
 import torch
+from flax import traverse_util
 
 # max |flax - torch| <= RTOL * max |torch|, per compared tensor.
 RTOL = 1e-4
@@ -53,3 +54,16 @@ def assert_layers_close(intermediates: dict, expected: dict[str, np.ndarray], wh
     """Every module in `expected` (torch's outputs by name) against Flax's; returns the worst ratio."""
     return max(assert_close(flax_output(intermediates, name), theirs, f"{where} {name}")
                for name, theirs in expected.items())
+
+
+def assert_running_stats_close(batch_stats: dict, torch_state: dict, where: str) -> tuple[float, int]:
+    """Every Flax BatchNorm statistic (`mean`, `var`) against torch's `running_mean`/`running_var`
+    after the same training forward, and every torch statistic compared; (worst relative error, count)."""
+    worst, compared = 0.0, 0
+    for path, ours in traverse_util.flatten_dict(batch_stats, sep=".").items():
+        module, stat = path.rsplit(".", 1)
+        torch_key = f"{module}.running_{stat}"
+        worst = max(worst, assert_close(ours, torch_state[torch_key], f"{where} {torch_key}"))
+        compared += 1
+    assert compared == sum(k.endswith((".running_mean", ".running_var")) for k in torch_state)
+    return worst, compared

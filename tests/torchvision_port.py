@@ -26,6 +26,17 @@ def variable_shapes(flax_model):
     return jax.eval_shape(flax_model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
 
 
+def assert_paths_mirror_torch_keys(report: convert.PortReport, direct: tuple[str, ...] = ()) -> None:
+    """Each ported tensor's Flax path is its torch key with '/' for '.' (torch's leaf names aside:
+    `weight` is `kernel` or `scale`); a parameter held directly by a module (ConvNeXt's `layer_scale`,
+    named in `direct`) keeps its name too."""
+    for source, _, target, _, _ in report.rows:
+        if source.rsplit(".", 1)[1] in direct:
+            assert source.replace(".", "/") == target.split("/", 1)[1]
+        else:
+            assert source.rsplit(".", 1)[0] == target.split("/", 1)[1].rsplit("/", 1)[0].replace("/", ".")
+
+
 @functools.lru_cache(maxsize=None)
 def torch_and_flax(name: str):
     """(torch model in eval mode, xfer model, ported variables); shared, so copy the torch model
